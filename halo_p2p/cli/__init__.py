@@ -1,0 +1,1 @@
+"""The ``halo-peer`` command line and terminal UI (the only place that prints or imports rich)."""

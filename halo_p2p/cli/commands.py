@@ -1,0 +1,198 @@
+"""The sub-commands of ``halo-peer`` (called by :func:`halo_p2p.cli.main.main`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from halo_p2p.engine.local import LocalEngine
+from halo_p2p.errors import ConfigError, ModelNotFound
+from halo_p2p.model.chat import Message, require_template
+from halo_p2p.model.loader import LoadedModel, open_model
+from halo_p2p.model.pull import pull
+from halo_p2p.model.registry import KNOWN_MODELS, list_models
+from halo_p2p.sampling import SamplingParams
+from halo_p2p.session.bench import bench
+from halo_p2p.session.generate import Generator, perplexity
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+err = Console(stderr=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Dispatch ``args.command``; returns the exit status."""
+    handler = {
+        "models": cmd_models, "pull": cmd_pull, "generate": cmd_generate,
+        "perplexity": cmd_perplexity, "chat": cmd_chat, "bench": cmd_bench,
+    }[args.command]
+    return await handler(args)
+
+
+def sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          max_tokens=args.max_tokens)
+
+
+async def cmd_models(args: argparse.Namespace) -> int:
+    table = Table("name", "format", "size", "status", "path", title="models")
+    for m in list_models():
+        size = f"{m.size_bytes / 1e6:.1f} MB" if m.size_bytes else "?"
+        table.add_row(m.name, m.format, size, m.status, str(m.path or ""))
+    Console().print(table)
+    return 0
+
+
+def _pull_with_progress(name: str) -> Path:
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(f"pull {name}", total=None)
+
+        def report(phase: str, done: int, total: int | None) -> None:
+            progress.update(task, description=f"{phase} {name}", completed=done, total=total)
+
+        return pull(name, progress=report)
+
+
+async def cmd_pull(args: argparse.Namespace) -> int:
+    path = await asyncio.to_thread(_pull_with_progress, args.name)
+    err.print(f"[green]ok[/] {args.name}: {path}")
+    return 0
+
+
+async def load(args: argparse.Namespace) -> LoadedModel:
+    """Open ``--model``; a known model that is not downloaded yet is pulled first."""
+    try:
+        return await asyncio.to_thread(open_model, args.model, tokenizer_path=args.tokenizer)
+    except ModelNotFound:
+        if args.model not in KNOWN_MODELS:
+            raise
+        err.print(f"model {args.model} is not downloaded yet: pulling it")
+        await asyncio.to_thread(_pull_with_progress, args.model)
+        return await asyncio.to_thread(open_model, args.model, tokenizer_path=args.tokenizer)
+
+
+async def make_engine(args: argparse.Namespace, model: LoadedModel) -> LocalEngine:
+    if args.ctx is not None and args.ctx < 2:
+        raise ConfigError(f"--ctx {args.ctx} is too small", "use at least 2 tokens")
+    return await asyncio.to_thread(LocalEngine, model.source, max_seq_len=args.ctx, dtype=args.dtype)
+
+
+def chat_prompt(model: LoadedModel, messages: list[Message]) -> str:
+    return require_template(model.chat_template, model.name).render(messages, add_generation_prompt=True)
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling(args)
+    model = await load(args)
+    if args.chat:
+        system = [Message("system", args.system)] if args.system else []
+        ids = model.tokenizer.encode(chat_prompt(model, [*system, Message("user", args.prompt)]))
+    else:
+        ids = model.tokenizer.encode(args.prompt)
+    engine = await make_engine(args, model)
+    try:
+        gen = Generator(engine, model.tokenizer)
+        pieces: list[str] = []
+        async for event in gen.stream(ids, params):
+            pieces.append(event.text)
+            if not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    finally:
+        await engine.aclose()
+    s = gen.stats
+    if args.json:
+        print(json.dumps({
+            "model": model.name, "text": "".join(pieces), "token_ids": s.token_ids,
+            "prompt_tokens": s.prompt_tokens, "generated_tokens": len(s.token_ids),
+            "stop_reason": s.stop_reason, "prefill_ms": 1000 * s.prefill_s,
+            "tpot_ms": s.tpot_ms, "tpot_p95_ms": s.tpot_p95_ms, "tokens_per_s": s.tokens_per_s,
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+async def cmd_perplexity(args: argparse.Namespace) -> int:
+    path = Path(args.text_file)
+    try:
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"text file {path} does not exist", "check the --text-file path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
+                          "convert it to UTF-8") from None
+    model = await load(args)
+    ids = model.tokenizer.encode(text)
+    engine = await make_engine(args, model)
+    try:
+        result = await perplexity(engine, ids)
+    finally:
+        await engine.aclose()
+    if args.json:
+        print(json.dumps({"model": model.name, "tokens": result.tokens, "mean_nll": result.mean_nll,
+                          "perplexity": result.perplexity}))
+    else:
+        print(f"{model.name}: {result.tokens} tokens, mean NLL {result.mean_nll:.4f} nats, "
+              f"perplexity {result.perplexity:.3f}")
+    return 0
+
+
+async def cmd_chat(args: argparse.Namespace) -> int:
+    from halo_p2p.cli.chat import ChatApp
+
+    model = await load(args)
+    require_template(model.chat_template, model.name)
+    engine = await make_engine(args, model)
+    try:
+        app = ChatApp(model, Generator(engine, model.tokenizer), sampling(args), system=args.system)
+        if args.prompt is not None:
+            await app.answer(args.prompt)
+        else:
+            await app.loop()
+    finally:
+        await engine.aclose()
+    return 0
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    if args.prompt_tokens < 1 or args.tokens < 1:
+        raise ConfigError("--prompt-tokens and --tokens must be at least 1", "pass positive counts")
+    model = await load(args)
+    engine = await make_engine(args, model)
+    if args.prompt_tokens + args.tokens > engine.max_seq_len:
+        raise ConfigError(f"{args.prompt_tokens}+{args.tokens} tokens exceed the context "
+                          f"({engine.max_seq_len})", "lower --prompt-tokens/--tokens or raise --ctx")
+    seed_text = ("Once upon a time, in a small village by the sea, there lived an old fisherman "
+                 "who told stories about the stars. ")
+    base = model.tokenizer.encode(seed_text) or [1]
+    prompt = (base * (args.prompt_tokens // len(base) + 1))[: args.prompt_tokens]
+    try:
+        result = await bench(engine, prompt, args.tokens, repeat=args.repeat)
+    finally:
+        await engine.aclose()
+    figures = {"model": model.name, "weight_bytes": engine.model.weight_bytes(), **result.as_dict()}
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    table = Table("figure", "value", title=f"bench {model.name} (1 peer)")
+    table.add_row("prefill", f"{result.prefill_tokens_per_s:.1f} tokens/s ({result.prompt_tokens} tokens)")
+    table.add_row("decode TPOT median", f"{result.tpot_median_ms:.2f} ms")
+    table.add_row("decode TPOT p95", f"{result.tpot_p95_ms:.2f} ms")
+    table.add_row("decode speed", f"{result.decode_tokens_per_s:.1f} tokens/s")
+    table.add_row("weights (resident)", f"{figures['weight_bytes'] / 1e6:.1f} MB")
+    table.add_row("peak RSS", f"{result.peak_rss_bytes / 1e6:.1f} MB")
+    Console().print(table)
+    return 0
+

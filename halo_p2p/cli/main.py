@@ -1,0 +1,95 @@
+"""``halo-peer``: argument parsing, the one ``asyncio.run``, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from halo_p2p import __version__
+from halo_p2p.errors import HaloError
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def _sampling_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+
+
+def _model_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--model", default=default, help=f"known model name or file path (default {default})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file for a llama2.c .bin model")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="KV-cache length in tokens (default: model context, at most 4096)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="weight dtype; float16 halves decode memory traffic (default float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``halo-peer`` parser with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="halo-peer", description="Loss-tolerant distributed LLM inference on edge devices.")
+    parser.add_argument("--version", action="version", version=f"halo-peer {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("models", help="list known and local models")
+
+    p = sub.add_parser("pull", help="download a known model into the cache and verify it")
+    p.add_argument("name", help="known model name, e.g. smollm2-135m-instruct")
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _model_args(p, "stories260K")
+    p.add_argument("--prompt", required=True, help="prompt text ('' for BOS only)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system prompt for --chat (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _sampling_args(p, temperature=0.8)
+
+    p = sub.add_parser("perplexity", help="teacher-forced perplexity of a text file")
+    _model_args(p, "stories260K")
+    p.add_argument("--text-file", required=True, help="UTF-8 text to score")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("chat", help="chat in the terminal")
+    _model_args(p, "smollm2-135m-instruct")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--system", default=None, help="system prompt (default: the model's)")
+    _sampling_args(p, temperature=0.7)
+
+    p = sub.add_parser("bench", help="measure prefill speed, decode TPOT and peak memory")
+    _model_args(p, "stories260K")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to decode (default 64)")
+    p.add_argument("--repeat", type=int, default=3, help="runs; the best prefill is kept (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``halo-peer``; returns the exit status (0 ok, 1 error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from halo_p2p.cli import commands  # heavy imports (torch) only after parsing
+
+    try:
+        return asyncio.run(commands.run(args))
+    except HaloError as exc:
+        print(f"halo-peer: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("halo-peer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

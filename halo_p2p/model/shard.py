@@ -1,0 +1,149 @@
+"""The torch side of a split model: a peer's neuron groups, and the coordinator's trunk.
+
+A :class:`GroupShard` loads only the weight rows/columns of its groups (see
+:mod:`halo_p2p.groups` for the slices) and keeps the KV cache of its own attention heads, so
+its resident weight bytes shrink in proportion to its share of the groups. :class:`Trunk`
+holds what the coordinator alone needs: token embeddings, RMSNorm weights and the classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
+from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables, rms_norm
+from halo_p2p.model.source import TensorSource
+
+__all__ = ["GroupShard", "Trunk"]
+
+log = logging.getLogger(__name__)
+
+
+def _rows(source: TensorSource, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([source.load(name, rows=r) for r in ranges]))
+
+
+def _cols(full: np.ndarray, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([full[:, a:b] for a, b in ranges], axis=1)))
+
+
+class GroupShard:
+    """The neuron groups one peer computes, with their weights and KV caches.
+
+    Args:
+        source: model weights (only the needed rows are loaded; Wo and W2 are loaded one layer
+            at a time and sliced by columns).
+        layout: the model's group layout.
+        groups: the groups to hold.
+        max_seq_len: KV-cache length in tokens.
+    """
+
+    def __init__(self, source: TensorSource, layout: GroupLayout, groups: Iterable[GroupId], *,
+                 max_seq_len: int) -> None:
+        c = source.config
+        self.layout = layout
+        self.max_seq_len = max_seq_len
+        held = sorted(set(groups))
+        self.index: dict[tuple[int, int], list[int]] = {}
+        for g in held:
+            self.index.setdefault((g.layer, g.part), []).append(g.index)
+        self.attention: dict[int, AttentionShard] = {}
+        self.mlp: dict[int, MlpShard] = {}
+        self.caches: dict[int, KVCache] = {}
+        self.written: dict[int, int] = {}      # layer -> positions [0, n) hold valid keys
+        for (layer, part), idx in self.index.items():
+            p = f"layers.{layer}."
+            if part == ATTN:
+                q = [layout.q_rows(i) for i in idx]
+                kv = [layout.kv_rows(i) for i in idx]
+                self.attention[layer] = AttentionShard(
+                    _rows(source, p + "wq", q), _rows(source, p + "wk", kv), _rows(source, p + "wv", kv),
+                    _cols(source.load(p + "wo"), q), layout.q_per_kv, layout.head_dim)
+                self.caches[layer] = KVCache(len(idx), max_seq_len, layout.head_dim, torch.float32)
+                self.written[layer] = 0
+            else:
+                rows = [layout.mlp_rows(i) for i in idx]
+                self.mlp[layer] = MlpShard(_rows(source, p + "w1", rows), _rows(source, p + "w3", rows),
+                                           _cols(source.load(p + "w2"), rows), layout.mlp_group_size)
+        self.rope = RopeTables.build(c.head_dim, max_seq_len, c.rope_base, torch.float32)
+
+    def groups_at(self, layer: int, part: int) -> list[int]:
+        """Indices of the groups held at sync point (layer, part), in partial order."""
+        return self.index.get((layer, part), [])
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of the held weights."""
+        ts = [a.wqkv for a in self.attention.values()] + [a.wo for a in self.attention.values()]
+        ts += [m.w13 for m in self.mlp.values()] + [m.w2 for m in self.mlp.values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @torch.inference_mode()
+    def partials(self, layer: int, part: int, x: np.ndarray, start_pos: int) -> np.ndarray:
+        """Partials of the held groups at one sync point.
+
+        Args:
+            x: ``(T, dim)`` float32 (or float16) normalized input at ``[start_pos, start_pos+T)``.
+        Returns:
+            float32 ``(n_held, T, dim)``, groups in :meth:`groups_at` order; ``(0, T, dim)``
+            when none are held.
+
+        For attention, positions before ``start_pos`` whose input this peer never received
+        stay masked out of its heads (the KV cache marks them invalid) instead of stalling.
+        """
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        t = xt.shape[0]
+        if part == ATTN and layer in self.attention:
+            cache, shard = self.caches[layer], self.attention[layer]
+            if self.written[layer] < start_pos:                     # a gap: inputs never arrived
+                cache.invalidate(self.written[layer], start_pos)
+            self.written[layer] = start_pos + t
+            return shard.partials(shard.heads(xt, start_pos, cache, self.rope)).numpy()
+        if part == MLP and layer in self.mlp:
+            shard = self.mlp[layer]
+            return shard.partials(shard.hidden(xt)).numpy()
+        return np.zeros((0, t, self.layout.dim), dtype=np.float32)
+
+
+class Trunk:
+    """Embeddings, RMSNorm weights and classifier: the coordinator's share of every model.
+
+    Args:
+        source: model weights.
+    """
+
+    def __init__(self, source: TensorSource) -> None:
+        c = self.config = source.config
+
+        def t(name: str) -> torch.Tensor:
+            return torch.from_numpy(source.load(name))
+
+        self.tok_embeddings = t("tok_embeddings")
+        self.output = self.tok_embeddings if c.tied_embeddings else t("output")
+        self.norm = t("norm")
+        self.norms = {(i, ATTN): t(f"layers.{i}.attention_norm") for i in range(c.n_layers)}
+        self.norms |= {(i, MLP): t(f"layers.{i}.ffn_norm") for i in range(c.n_layers)}
+
+    def weight_bytes(self) -> int:
+        ts = [self.tok_embeddings, self.norm, *self.norms.values()]
+        if self.output is not self.tok_embeddings:
+            ts.append(self.output)
+        return sum(x.numel() * x.element_size() for x in ts)
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Residual stream ``(T, dim)`` float32 for ``(T,)`` int64 ids."""
+        return self.tok_embeddings[torch.from_numpy(np.asarray(token_ids, dtype=np.int64))].numpy().copy()
+
+    @torch.inference_mode()
+    def normed(self, layer: int, part: int, x: np.ndarray) -> np.ndarray:
+        """Input of sync point (layer, part): ``RMSNorm(x) * g``, ``(T, dim)`` float32."""
+        return rms_norm(torch.from_numpy(x), self.norms[(layer, part)], self.config.norm_eps).numpy()
+
+    @torch.inference_mode()
+    def logits(self, x: np.ndarray, *, all_logits: bool) -> np.ndarray:
+        """Classifier over the final norm: ``(T, vocab)`` or ``(1, vocab)`` float32."""
+        xt = torch.from_numpy(x if all_logits else x[-1:])
+        return (rms_norm(xt, self.norm, self.config.norm_eps) @ self.output.T).numpy()

@@ -1,0 +1,147 @@
+"""End-to-end ``halo-peer`` runs in a subprocess: golden output, JSON, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from halo_p2p.model.llama2c_tokenizer import Llama2cTokenizer
+from halo_p2p.model.registry import resolve
+from tests.conftest import SMOLLM2_GGUF
+
+# karpathy/llama2.c test_all.py expected_stdout; run.c prints one more "\n" at the end.
+LLAMA2C_EXPECTED = (
+    b"Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+    b"One day, she saw a big, red ball. She wanted to play with it, but it was too high.\n"
+    b"Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do. "
+    b"She said, \"I want to play with your ball, but I can't find it.\"\n"
+    b"Lily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I didn't know what to do.\"\n"
+    b"Lily didn't want to help her mom, so she"
+)
+
+
+def halo(*args: str, cache: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ)
+    if cache is not None:
+        env["XDG_CACHE_HOME"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "halo_p2p", *args], capture_output=True,
+                          timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def cache_with_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An XDG cache where smollm2-135m-instruct is 'pulled' (a link to the shared file)."""
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip("the shared SmolLM2 file is absent")
+    cache = tmp_path_factory.mktemp("xdg")
+    models = cache / "halo-p2p" / "models"
+    models.mkdir(parents=True)
+    (models / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
+    return cache
+
+
+def test_stories260k_greedy_output_is_byte_identical_to_llama2c() -> None:
+    out = halo("generate", "--model", "stories260K", "--prompt", "", "--max-tokens", "200",
+               "--temperature", "0")
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == LLAMA2C_EXPECTED + b"\n"
+
+
+def test_generate_json_fields() -> None:
+    out = halo("generate", "--model", "stories260K", "--prompt", "The dog", "--max-tokens", "12",
+               "--temperature", "0", "--json")
+    assert out.returncode == 0, out.stderr.decode()
+    data = json.loads(out.stdout)
+    assert data["text"].startswith(" was a big, red ball.")     # PROVENANCE.md sample
+    tokenizer = Llama2cTokenizer.open(resolve("stories260K").tokenizer_path)
+    assert len(data["token_ids"]) == 12 and data["prompt_tokens"] == len(tokenizer.encode("The dog"))
+    assert data["tpot_ms"] > 0 and data["tokens_per_s"] > 0
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    args = ("generate", "--prompt", "Tom and Sue", "--max-tokens", "30", "--temperature", "1",
+            "--seed", "7", "--json")
+    first, second = halo(*args), halo(*args)
+    other = halo(*args[:-2], "8", "--json")
+    ids = [json.loads(r.stdout)["token_ids"] for r in (first, second, other)]
+    assert ids[0] == ids[1]
+    assert ids[0] != ids[2]
+
+
+def test_perplexity_json(tmp_path: Path) -> None:
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She loved to play outside.")
+    out = halo("perplexity", "--model", "stories260K", "--text-file", str(text), "--json")
+    assert out.returncode == 0, out.stderr.decode()
+    data = json.loads(out.stdout)
+    assert data["tokens"] > 10 and 1 < data["perplexity"] < 20   # in-distribution text
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(cache_with_smollm2: Path) -> None:
+    out = halo("generate", "--model", "smollm2-135m-instruct", "--chat", "--prompt",
+               "What is the capital of France?", "--temperature", "0", "--json", cache=cache_with_smollm2)
+    assert out.returncode == 0, out.stderr.decode()
+    assert "Paris" in json.loads(out.stdout)["text"]
+
+
+@pytest.mark.slow
+def test_chat_answers_one_prompt(cache_with_smollm2: Path) -> None:
+    out = halo("chat", "--prompt", "What is the capital of France?", "--temperature", "0",
+               cache=cache_with_smollm2)
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"Paris" in out.stdout and b"tokens/s" in out.stdout and b"TPOT" in out.stdout
+
+
+def _one_line_error(out: subprocess.CompletedProcess[bytes], *needles: str) -> None:
+    err = out.stderr.decode()
+    assert out.returncode == 1, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("halo-peer: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_model_name(tmp_path: Path) -> None:
+    _one_line_error(halo("generate", "--model", "smolm2", "--prompt", "x", cache=tmp_path),
+                    "unknown model 'smolm2'", "smollm2-135m-instruct")
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    _one_line_error(halo("generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "x"),
+                    "does not exist")
+
+
+def test_truncated_gguf(tmp_path: Path) -> None:
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip("the shared SmolLM2 file is absent")
+    cut = tmp_path / "cut.gguf"
+    with SMOLLM2_GGUF.open("rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    _one_line_error(halo("generate", "--model", str(cut), "--prompt", "x"), "truncated")
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(2000))
+    _one_line_error(halo("generate", "--model", str(bad), "--prompt", "x"), str(bad))
+
+
+def test_prompt_longer_than_context() -> None:
+    _one_line_error(halo("generate", "--model", "stories260K", "--prompt", "Once upon a time " * 200),
+                    "context holds 512")
+
+
+def test_chat_flag_on_a_model_without_template() -> None:
+    _one_line_error(halo("generate", "--model", "stories260K", "--chat", "--prompt", "hi"),
+                    "no chat template")
+
+
+def test_missing_text_file(tmp_path: Path) -> None:
+    _one_line_error(halo("perplexity", "--text-file", str(tmp_path / "absent.txt")), "absent.txt")
