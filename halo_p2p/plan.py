@@ -19,16 +19,24 @@ __all__ = ["PLAN_VERSION", "PlacementPlan", "proportional_counts"]
 PLAN_VERSION = 1
 
 
-def proportional_counts(total: int, shares: Sequence[float], offset: int = 0) -> list[int]:
+def proportional_counts(total: int, shares: Sequence[float], offset: int = 0,
+                        carry: Sequence[float] | None = None) -> list[int]:
     """Split ``total`` items by ``shares`` with the largest-remainder method.
 
-    ``offset`` rotates who wins ties, so that remainders spread over layers.
+    Args:
+        total: items to split.
+        shares: non-negative weights, one per peer.
+        offset: rotates who wins ties, so that remainders spread over layers.
+        carry: per-peer items owed from earlier splits (added to the exact quotas), so that
+            repeated small splits (3 attention groups per layer) converge to the shares overall.
     """
     weight = sum(shares)
     if weight <= 0 or any(s < 0 for s in shares):
         raise PlanError(f"shares {list(shares)} must be non-negative with a positive sum",
                         "give every peer a share >= 0")
-    exact = [total * s / weight for s in shares]
+    exact = [max(0.0, total * s / weight + (carry[i] if carry else 0.0)) for i, s in enumerate(shares)]
+    scale = total / sum(exact) if sum(exact) > 0 else 0.0
+    exact = [e * scale for e in exact]
     counts = [int(e) for e in exact]
     n = len(shares)
     order = sorted(range(n), key=lambda i: (-(exact[i] - counts[i]), (i - offset) % n))
@@ -83,9 +91,13 @@ class PlacementPlan:
         if len(shares) != len(peers):
             raise PlanError(f"{len(shares)} shares for {len(peers)} peers", "give one share per peer")
         owner: dict[GroupId, str] = {}
+        weight = sum(shares) or 1.0
+        carry = {part: [0.0] * len(peers) for part in PARTS}
         for layer in range(layout.n_layers):
             for part in PARTS:
-                counts = proportional_counts(layout.n_groups(part), shares, offset=layer + part)
+                n = layout.n_groups(part)
+                counts = proportional_counts(n, shares, offset=layer + part, carry=carry[part])
+                carry[part] = [c + n * s / weight - k for c, s, k in zip(carry[part], shares, counts, strict=True)]
                 index = 0
                 for peer, count in zip(peers, counts, strict=True):
                     for _ in range(count):

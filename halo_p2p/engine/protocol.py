@@ -9,7 +9,7 @@ import numpy as np
 
 from halo_p2p.model.config import ModelConfig
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "GroupCompute", "TrunkCompute"]
 
 
 class Engine(Protocol):
@@ -41,3 +41,33 @@ class Engine(Protocol):
     async def aclose(self) -> None:
         """Release threads and peers."""
         ...
+
+
+class GroupCompute(Protocol):
+    """A peer's neuron groups (see :class:`halo_p2p.model.shard.GroupShard`); called on its
+    compute thread, never on the event loop."""
+
+    def groups_at(self, layer: int, part: int) -> list[int]:
+        """Group indices held at sync point (layer, part), in partial order."""
+        ...
+
+    def partials(self, layer: int, part: int, x: np.ndarray, start_pos: int) -> np.ndarray:
+        """float32 ``(n_held, T, dim)`` partials for the ``(T, dim)`` input ``x``."""
+        ...
+
+    def weight_bytes(self) -> int: ...
+
+
+class TrunkCompute(Protocol):
+    """Embeddings, norms and classifier (see :class:`halo_p2p.model.shard.Trunk`)."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray: ...
+
+    def normed(self, layer: int, part: int, x: np.ndarray) -> np.ndarray: ...
+
+    def logits(self, x: np.ndarray, *, all_logits: bool) -> np.ndarray: ...
+
+    def weight_bytes(self) -> int: ...

@@ -18,7 +18,7 @@ from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables, rms_norm
 from halo_p2p.model.source import TensorSource
 
-__all__ = ["GroupShard", "Trunk"]
+__all__ = ["GroupShard", "Trunk", "mlp_group_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +147,23 @@ class Trunk:
         """Classifier over the final norm: ``(T, vocab)`` or ``(1, vocab)`` float32."""
         xt = torch.from_numpy(x if all_logits else x[-1:])
         return (rms_norm(xt, self.norm, self.config.norm_eps) @ self.output.T).numpy()
+
+
+def mlp_group_scores(source: TensorSource, layout: GroupLayout) -> np.ndarray:
+    """Static importance of every MLP group: ``|W1_j|_F * |W3_j|_F * |W2[:, j]|_F``.
+
+    Returns:
+        float64 ``(n_layers, n_mlp)``; a cheap bound on how far a group can move the residual
+        stream, used by the placeholder criticality rule.
+    """
+    scores = np.zeros((layout.n_layers, layout.n_mlp))
+    g = layout.mlp_group_size
+    for layer in range(layout.n_layers):
+        p = f"layers.{layer}."
+        norms = []
+        for name, axis in (("w1", 1), ("w3", 1), ("w2", 0)):
+            w = source.load(p + name).astype(np.float64)
+            sq = (w * w).sum(axis=axis)                      # per intermediate neuron
+            norms.append(np.sqrt(sq.reshape(layout.n_mlp, g).sum(axis=1)))
+        scores[layer] = norms[0] * norms[1] * norms[2]
+    return scores

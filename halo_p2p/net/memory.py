@@ -1,8 +1,11 @@
 """An in-memory :class:`~halo_p2p.net.link.Link` with seeded, per-fragment loss.
 
 For tests and emulation: no sockets, no tasks, only ``loop.call_at`` timers. Each direction has
-its own :class:`~halo_p2p.net.link.LinkConditions` and its own seeded random streams, so the
-same seed and the same sequence of sends give the same losses and the same delays.
+its own :class:`~halo_p2p.net.link.LinkConditions` and its own seeded randomness. The fate of an
+unreliable message (lost or not, its jitter) is a function of the seed, the direction, the
+message bytes and how often those exact bytes were sent before, so a run is reproducible even
+when the timing of the sends (and therefore their order) varies; reliable deliveries draw from a
+seeded stream in send order.
 
 The model, per direction (see network-facts.md §2, §3, §5):
 
@@ -26,10 +29,11 @@ saturation) and the 262144-byte message limit of the reliable channel.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import logging
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Final
 
 from halo_p2p.errors import ConfigError, LinkClosed
@@ -50,6 +54,7 @@ _CLOSED: Final = object()
 """Inbox sentinel queued behind the last delivered message when the link closes."""
 
 _LOSSLESS: Final = LinkConditions()
+_MAX_TRACKED_MESSAGES: Final = 1 << 17   # attempt counters kept for resent messages
 
 
 class _Direction:
@@ -67,6 +72,8 @@ class _Direction:
         self.loop = loop
         self.conditions = conditions
         self.rng = {ch: random.Random(f"halo-memory-link/{seed}/{label}/{ch.name}") for ch in Channel}
+        self.key = hashlib.blake2b(f"halo-memory-link/{seed}/{label}".encode(), digest_size=16).digest()
+        self.attempts: OrderedDict[bytes, int] = OrderedDict()   # bounded: digest -> sends so far
         self.wire_free_at = 0.0         # loop time when the wire finishes serializing (bandwidth)
         self.reliable_last_at = 0.0     # loop time of the latest scheduled reliable delivery
         self.stalled: deque[bytes] = deque()    # reliable messages held by a black hole (plr 1)
@@ -92,9 +99,7 @@ class _Direction:
     def send_unreliable(self, data: bytes, stats: LinkStats) -> None:
         """Draw the fate of one unreliable message and schedule it unless lost."""
         cond = self.conditions
-        rng = self.rng[Channel.UNRELIABLE]
-        # Draw every fragment and the jitter whatever the outcome, so that the stream position
-        # depends only on message sizes: losses stay aligned when plr changes.
+        rng = self._message_rng(data)
         lost = False
         for _ in range(cond.fragments(len(data))):
             lost |= rng.random() < cond.plr
@@ -105,6 +110,15 @@ class _Direction:
             stats.unreliable.bytes_lost += len(data)
             return
         self._push(left_at + cond.delay_s + jitter, Channel.UNRELIABLE, data)
+
+    def _message_rng(self, data: bytes) -> random.Random:
+        """A generator seeded by (seed, direction, message bytes, attempt number)."""
+        digest = hashlib.blake2b(data, digest_size=16, key=self.key).digest()
+        attempt = self.attempts.pop(digest, 0)
+        self.attempts[digest] = attempt + 1
+        if len(self.attempts) > _MAX_TRACKED_MESSAGES:
+            self.attempts.popitem(last=False)
+        return random.Random(int.from_bytes(digest, "little") + attempt)
 
     def send_reliable(self, data: bytes, stats: LinkStats) -> None:
         """Schedule one reliable message after its retransmissions and the messages before it."""

@@ -1,0 +1,1 @@
+"""Composition roots: where concrete engines, links and sessions are wired together."""

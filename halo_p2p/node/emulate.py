@@ -1,0 +1,122 @@
+"""An emulated swarm in one process: a coordinator and workers joined by in-memory lossy links.
+
+Every peer gets its own compute thread (with an optional slowdown factor) and its own shard of
+the model, loaded from the same file; each worker's link to the coordinator has its own PLR,
+one-way delay and jitter (:class:`~halo_p2p.net.link.LinkConditions`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.groups import PARTS, GroupLayout
+from halo_p2p.model.shard import GroupShard, Trunk, mlp_group_scores
+from halo_p2p.model.source import TensorSource
+from halo_p2p.net.link import LinkConditions
+from halo_p2p.net.memory import memory_link_pair
+from halo_p2p.plan import PlacementPlan
+from halo_p2p.session.coordinator import Coordinator, SessionOptions
+from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
+from halo_p2p.session.worker import Worker
+
+__all__ = ["EmulatedSwarm", "PeerProfile", "start_emulated_swarm"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerProfile:
+    """One emulated peer.
+
+    Attributes:
+        name: peer id.
+        share: relative share of the neuron groups (uneven shares allowed; 0 holds none).
+        slowdown: compute slowdown factor (1 = this machine's speed).
+        link: conditions of its link to the coordinator, each direction (ignored for the coordinator).
+    """
+
+    name: str
+    share: float = 1.0
+    slowdown: float = 1.0
+    link: LinkConditions = field(default_factory=LinkConditions)
+
+
+@dataclass(slots=True)
+class EmulatedSwarm:
+    """A running emulated swarm; :attr:`coordinator` is the :class:`Engine` to generate with."""
+
+    coordinator: Coordinator
+    workers: list[Worker]
+    threads: list[ComputeThread]
+    tasks: list[asyncio.Task[None]]
+    plan: PlacementPlan
+
+    @property
+    def config(self):
+        return self.coordinator.config
+
+    async def aclose(self) -> None:
+        await self.coordinator.aclose()
+        for link in self.coordinator.links.values():
+            await link.aclose()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for thread in self.threads:
+            await asyncio.to_thread(thread.close)
+
+
+async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile], options: SessionOptions, *,
+                               mlp_group_size: int | None = None, critical: str = "static",
+                               critical_fraction: float = 0.5, seed: int = 0) -> EmulatedSwarm:
+    """Start ``peers`` (the first is the coordinator) and send them the plan.
+
+    Args:
+        source: the model, shared by every emulated peer.
+        peers: profiles; ``peers[0]`` coordinates.
+        options: session options (sync mode, wire dtype, ...).
+        mlp_group_size: neurons per MLP group (default: 24 groups per layer where possible).
+        critical: ``"static"`` (attention + top MLP groups by weight score) or ``"all"``.
+        critical_fraction: share of MLP groups that are critical under ``"static"``.
+        seed: base seed of the links' loss and jitter.
+    """
+    layout = GroupLayout.from_config(source.config, mlp_group_size)
+    names = [p.name for p in peers]
+    plan = PlacementPlan.split(layout, names, coordinator=names[0], shares=[p.share for p in peers])
+    threads = [ComputeThread(f"halo-{p.name}", slowdown=p.slowdown) for p in peers]
+    coordinator_thread = threads[0]
+    trunk = await coordinator_thread.run(Trunk, source)
+    own = plan.groups_of(names[0])
+    local = None
+    if own:
+        local = await coordinator_thread.run(GroupShard, source, layout, own, max_seq_len=options.max_seq_len)
+    criticality: CriticalityPolicy
+    if critical == "static":
+        scores = await coordinator_thread.run(mlp_group_scores, source, layout)
+        criticality = StaticRule(scores, layout.n_attn, critical_fraction)
+    else:
+        criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
+
+    def factory(lay: GroupLayout, groups: list, max_seq_len: int) -> GroupShard:
+        return GroupShard(source, lay, groups, max_seq_len=max_seq_len)
+
+    links, workers, tasks = {}, [], []
+    for i, (profile, thread) in enumerate(zip(peers[1:], threads[1:], strict=True), start=1):
+        a, b = memory_link_pair(names[0], profile.name, a_to_b=profile.link, b_to_a=profile.link, seed=seed + i)
+        links[profile.name] = a
+        worker = Worker(profile.name, b, layout, factory, thread)
+        workers.append(worker)
+        tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
+    coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread, links=links, plan=plan,
+                              options=options, criticality=criticality)
+    swarm = EmulatedSwarm(coordinator, workers, threads, tasks, plan)
+    try:
+        await coordinator.start()
+    except BaseException:
+        await swarm.aclose()
+        raise
+    return swarm

@@ -1,0 +1,334 @@
+"""The coordinator of a split model: an :class:`~halo_p2p.engine.protocol.Engine` over peers.
+
+Per forward pass and per sync point (layer, part) — see :mod:`halo_p2p.groups` — it sends the
+normalized input to every worker holding groups there (chunked, with XOR parity in ``halo``
+mode), computes its own groups meanwhile, collects the workers' per-group partials and sums
+what arrived into the residual stream:
+
+* ``strict``: inputs and partials travel on the reliable channel and it waits for every partial
+  (classic tensor parallelism with an all-reduce per sync point; a lost packet costs an RTO).
+* ``halo``: they travel on the unreliable channel; it waits for the critical groups (asking
+  their owner to resend after the owner's deadline) and for the others only until each owner's
+  deadline, derived from its measured response times (:class:`~halo_p2p.session.sync.ResponseTimer`);
+  missing partials count as zero. Prompts (more than one token) treat every group as critical.
+
+Reference: HALO (Zheng et al., INFOCOM 2026, arXiv 2601.11676), relaxed synchronization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.engine.protocol import GroupCompute, TrunkCompute
+from halo_p2p.errors import HaloError, LinkClosed, TransportError, WireError
+from halo_p2p.groups import PARTS
+from halo_p2p.model.config import ModelConfig
+from halo_p2p.net.link import Channel, Link
+from halo_p2p.plan import PlacementPlan
+from halo_p2p.session.criticality import AllCritical, CriticalityPolicy
+from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint
+from halo_p2p.wire import codec, fec
+from halo_p2p.wire.chunks import split_ranges
+from halo_p2p.wire.messages import ErrorReply, LayerInput, NeedInput, Partial, Plan, PlanReady, Resend, Reset
+
+__all__ = ["Coordinator", "SessionOptions"]
+
+log = logging.getLogger(__name__)
+
+_RECENT_SYNC_POINTS = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionOptions:
+    """Settings of one split-model session.
+
+    Attributes:
+        mode: ``"strict"`` or ``"halo"``.
+        wire_dtype: activation dtype on the wire (``"float16"`` or ``"float32"``).
+        n_parity: XOR parity chunks per layer input in ``halo`` mode (0 = none).
+        max_seq_len: KV-cache length of every peer (tokens).
+        initial_deadline_s: per-peer deadline before response times are measured.
+        deadline_k: deviations of slack in the deadline (RFC 6298's 4).
+        deadline_floor_s: smallest per-peer deadline (seconds).
+        resend_interval_s: smallest interval between Resend requests for one sync point.
+        stall_timeout_s: give up on a sync point after this long without progress.
+        setup_timeout_s: how long workers may take to load their groups.
+    """
+
+    mode: str = "halo"
+    wire_dtype: str = "float16"
+    n_parity: int = 1
+    max_seq_len: int = 2048
+    initial_deadline_s: float = 0.5
+    deadline_k: float = 4.0
+    deadline_floor_s: float = 0.002
+    resend_interval_s: float = 0.005
+    stall_timeout_s: float = 30.0
+    setup_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("strict", "halo"):
+            raise ValueError(f"sync mode {self.mode!r} is not strict or halo")
+        if self.wire_dtype not in ("float16", "float32"):
+            raise ValueError(f"wire dtype {self.wire_dtype!r} is not float16 or float32")
+
+
+class Coordinator:
+    """Runs the trunk and its own groups, and synchronizes with the workers of ``plan``.
+
+    Args:
+        trunk: embeddings, norms and classifier.
+        local: the coordinator's own groups (``None`` if it holds none).
+        compute: the coordinator's compute thread.
+        links: worker peer id -> link to it.
+        plan: the placement plan (its coordinator is this peer).
+        options: sync mode and timing.
+        criticality: which groups must not be skipped (``halo`` mode).
+        model_sha256: identifies the model to the workers.
+        session: session id.
+    """
+
+    def __init__(self, *, trunk: TrunkCompute, local: GroupCompute | None, compute: ComputeThread,
+                 links: Mapping[str, Link], plan: PlacementPlan, options: SessionOptions,
+                 criticality: CriticalityPolicy | None = None, model_sha256: str = "0" * 64,
+                 session: int = 1) -> None:
+        self.trunk, self.local, self.compute = trunk, local, compute
+        self.links = dict(links)
+        self.plan, self.options, self.session = plan, options, session
+        self.model_sha256 = model_sha256
+        layout = plan.layout
+        self.criticality = criticality or AllCritical({p: layout.n_groups(p) for p in PARTS})
+        missing = set(plan.workers()) - set(self.links)
+        if missing:
+            raise TransportError(f"no link to plan worker(s) {sorted(missing)}", "connect every worker first")
+        self._channel = Channel.RELIABLE if options.mode == "strict" else Channel.UNRELIABLE
+        self._n_parity = options.n_parity if options.mode == "halo" else 0
+        self._timers = {(p, part): ResponseTimer(initial_s=options.initial_deadline_s, k=options.deadline_k,
+                                                 floor_s=options.deadline_floor_s)
+                        for p in self.links for part in PARTS}
+        self._recent: OrderedDict[tuple[int, int, int], SyncPoint] = OrderedDict()
+        self._inputs: dict[tuple[str, int, int, int], list[bytes]] = {}
+        self._changed = asyncio.Event()
+        self._ready: dict[str, asyncio.Future[PlanReady]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.step = 0
+        self.records: list[StepRecord] = []
+        self.counters: Counter[str] = Counter()   # dropped/malformed/late/stale messages, for status
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.trunk.config
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.options.max_seq_len
+
+    async def start(self) -> None:
+        """Send the plan to the workers and wait until they loaded their groups.
+
+        Raises:
+            TransportError: a worker did not answer within ``setup_timeout_s`` or refused.
+        """
+        loop = asyncio.get_running_loop()
+        for peer, link in self.links.items():
+            self._tasks.append(asyncio.create_task(self._receive(peer, link), name=f"recv-{peer}"))
+        body = {"placement": self.plan.to_dict(), "max_seq_len": self.options.max_seq_len,
+                "n_parity": self._n_parity}
+        msg = Plan(session=self.session, model_sha256=self.model_sha256, plan=body,
+                   wire_dtype=self.options.wire_dtype, mode=self.options.mode)  # type: ignore[arg-type]
+        for peer in self.plan.workers():
+            self._ready[peer] = loop.create_future()
+            await self.links[peer].send(Channel.RELIABLE, codec.encode(msg))
+        try:
+            async with asyncio.timeout(self.options.setup_timeout_s):
+                for peer, fut in self._ready.items():
+                    ready = await fut
+                    log.info("worker %s ready: %.1f MB of weights in %.2f s", peer,
+                             ready.weight_bytes / 1e6, ready.load_s)
+        except TimeoutError:
+            raise TransportError("workers did not load their groups in time",
+                                 "check the workers are running and hold the model") from None
+
+    async def reset(self) -> None:
+        """Tell workers to forget their KV caches (a new conversation)."""
+        for peer in self.plan.workers():
+            await self.links[peer].send(Channel.RELIABLE, codec.encode(Reset(session=self.session)))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # -- forward --------------------------------------------------------------------------------
+
+    async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
+        """Logits for ``token_ids`` at ``[start_pos, start_pos+T)`` computed across the peers.
+
+        Returns:
+            float32 ``(T, vocab)`` or ``(1, vocab)``.
+        Raises:
+            TransportError: a sync point made no progress for ``stall_timeout_s``.
+        """
+        self.step += 1
+        ids = np.asarray(token_ids, dtype=np.int64)
+        record = StepRecord(self.step, start_pos, len(ids))
+        x = await self.compute.run(self.trunk.embed, ids)
+        for layer in range(self.plan.layout.n_layers):
+            for part in PARTS:
+                xn = await self.compute.run(self.trunk.normed, layer, part, x)
+                remote = await self._sync(layer, part, xn, start_pos)
+                x += remote
+                record.syncs.append(self._recent[(self.step, layer, part)].record)
+        self.records.append(record)
+        return await self.compute.run(self.trunk.logits, x, all_logits=all_logits)
+
+    async def _sync(self, layer: int, part: int, xn: np.ndarray, start_pos: int) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        n_tokens, dim = xn.shape
+        owners = {g: p for g, p in self.plan.owners_at(layer, part).items() if p != self.plan.coordinator}
+        if n_tokens > 1 or self.options.mode == "strict":
+            critical = frozenset(owners)
+        else:
+            critical = self.criticality.critical(layer, part, xn)
+        sp = SyncPoint(self.step, layer, part, n_tokens=n_tokens, dim=dim, owners=owners, critical=critical,
+                       dtype=self.options.wire_dtype, sent_at_s=loop.time())
+        self._remember(sp)
+        wire = xn.astype(self.options.wire_dtype).reshape(-1)
+        for peer in sorted(set(owners.values())):
+            await self._send_input(peer, sp, wire, start_pos, n_tokens)
+        local = None
+        if self.local is not None and self.local.groups_at(layer, part):
+            local = asyncio.ensure_future(self.compute.run(self.local.partials, layer, part, xn, start_pos))
+        try:
+            await self._wait(sp)
+        finally:
+            remote = sp.close(loop.time())
+        if local is not None:
+            remote += (await local).sum(axis=0)
+        for key in [k for k in self._inputs if k[1:] < sp.key]:
+            del self._inputs[key]
+        return remote
+
+    async def _send_input(self, peer: str, sp: SyncPoint, wire: np.ndarray, start_pos: int, n_tokens: int) -> None:
+        max_elems = codec.max_payload_elems(wire.dtype, message_type=LayerInput)
+        n_data = max(1, math.ceil(wire.size / max_elems))
+        chunks = [wire[a:b] for a, b in split_ranges(wire.size, n_data)]
+        n_parity = min(self._n_parity, n_data)
+        offsets = [a for a, _ in split_ranges(wire.size, n_data)]
+        frames = []
+        for k, data in enumerate([*chunks, *fec.encode_parity(chunks, n_parity)]):
+            frames.append(codec.encode(LayerInput(
+                session=self.session, step=sp.step, layer=sp.layer, part=sp.part, start_pos=start_pos,  # type: ignore[arg-type]
+                n_tokens=n_tokens, chunk=k, n_data=n_data, n_parity=n_parity,
+                offset=offsets[k] if k < n_data else 0, data=data)))
+        self._inputs[(peer, *sp.key)] = frames
+        for frame in frames:
+            await self.links[peer].send(self._channel, frame)
+
+    async def _wait(self, sp: SyncPoint) -> None:
+        loop = asyncio.get_running_loop()
+        deadlines = {p: sp.sent_at_s + self._timers[(p, sp.part)].deadline_s() for p in set(sp.owners.values())}
+        next_resend = {p: d for p, d in deadlines.items()}
+        last_progress = loop.time()
+        while not sp.all_complete:
+            now = loop.time()
+            if self.options.mode == "halo" and sp.critical_complete:
+                pending = sp.pending_peers()
+                if all(now >= deadlines[p] for p in pending):
+                    return
+                wake = min(deadlines[p] for p in pending if now < deadlines[p])
+            else:
+                wake = now + self.options.stall_timeout_s
+                if self.options.mode == "halo":
+                    for peer, groups in sp.missing_critical().items():
+                        if now >= next_resend[peer]:
+                            await self._send_resend(peer, sp, groups)
+                            srtt = self._timers[(peer, sp.part)].srtt or 0.0
+                            next_resend[peer] = now + max(self.options.resend_interval_s, 2 * srtt)
+                        wake = min(wake, next_resend[peer])
+            if now - last_progress > self.options.stall_timeout_s:
+                stuck = sorted(sp.pending_peers())
+                raise TransportError(f"no partials from {', '.join(stuck)} for {self.options.stall_timeout_s:.0f} s "
+                                     f"at layer {sp.layer}", "check the peer is alive; it will be re-planned")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, wake - loop.time()))
+                last_progress = loop.time()
+            except TimeoutError:
+                pass
+
+    async def _send_resend(self, peer: str, sp: SyncPoint, groups: list[int]) -> None:
+        sp.record.resends += 1
+        msg = Resend(session=self.session, step=sp.step, layer=sp.layer, part=sp.part, groups=tuple(groups))  # type: ignore[arg-type]
+        await self.links[peer].send(Channel.UNRELIABLE, codec.encode(msg))
+
+    def _remember(self, sp: SyncPoint) -> None:
+        self._recent[sp.key] = sp
+        while len(self._recent) > _RECENT_SYNC_POINTS:
+            self._recent.popitem(last=False)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def _receive(self, peer: str, link: Link) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                _, frame = await link.recv()
+            except LinkClosed:
+                log.info("link to %s closed", peer)
+                return
+            try:
+                msg = codec.decode(frame)
+            except WireError as exc:
+                self.counters["malformed"] += 1
+                log.debug("malformed frame from %s: %s", peer, exc)
+                continue
+            if isinstance(msg, Partial):
+                self._on_partial(peer, msg, loop.time())
+            elif isinstance(msg, NeedInput):
+                frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), [])
+                for f in frames:
+                    await link.send(self._channel, f)
+            elif isinstance(msg, PlanReady):
+                fut = self._ready.get(peer)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, ErrorReply):
+                self.counters["error_replies"] += 1
+                log.warning("peer %s: %s: %s", peer, msg.code, msg.message)
+                fut = self._ready.get(peer)
+                if fut is not None and not fut.done():
+                    fut.set_exception(HaloError(f"peer {peer} refused the plan: {msg.message}"))
+            else:
+                self.counters["unexpected"] += 1
+
+    def _on_partial(self, peer: str, msg: Partial, now: float) -> None:
+        if msg.session != self.session:
+            self.counters["stale"] += 1
+            return
+        sp = self._recent.get((msg.step, msg.layer, msg.part))
+        if sp is None:
+            self.counters["stale"] += 1
+            return
+        was_done = peer in sp.done_at_s
+        try:
+            new = sp.add(peer, msg, now)
+        except WireError as exc:
+            self.counters["malformed"] += 1
+            log.debug("dropping partial from %s: %s", peer, exc)
+            return
+        if sp.closed:
+            self.counters["late"] += 1
+        if not was_done and peer in sp.done_at_s and sp.n_tokens == 1:
+            self._timers[(peer, sp.part)].observe(sp.done_at_s[peer] - sp.sent_at_s)
+        if new:
+            self._changed.set()

@@ -1,0 +1,215 @@
+"""Relaxed synchronization: collecting one sync point's partials and deciding when to stop waiting.
+
+Pure logic (no asyncio, no clock reads: times are passed in). The coordinator creates one
+:class:`SyncPoint` per (step, layer, part), feeds it the :class:`~halo_p2p.wire.messages.Partial`
+chunks that arrive, and asks it what is still missing. :class:`ResponseTimer` turns measured
+response times (link latency plus the worker's compute) into per-peer deadlines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from halo_p2p.errors import WireError
+from halo_p2p.wire.chunks import Reassembly
+from halo_p2p.wire.messages import Partial
+
+__all__ = ["ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord"]
+
+
+class ResponseTimer:
+    """Estimates one peer's response time at one sync point and derives its deadline.
+
+    The estimator is TCP's retransmission-timer estimator (RFC 6298, section 2): smoothed mean
+    ``srtt`` and mean deviation ``rttvar`` of the time from sending a layer input to receiving
+    the peer's last partial; the deadline is ``srtt + k * rttvar``, at least ``floor_s``. Until
+    ``warmup`` samples arrived the deadline is ``initial_s``.
+
+    Args:
+        initial_s: deadline before enough samples (seconds).
+        k: deviations of slack (RFC 6298 uses 4).
+        floor_s: smallest deadline (seconds).
+    """
+
+    ALPHA, BETA = 1 / 8, 1 / 4   # RFC 6298 gains
+
+    def __init__(self, *, initial_s: float = 0.5, k: float = 4.0, floor_s: float = 0.002,
+                 warmup: int = 3) -> None:
+        self.initial_s, self.k, self.floor_s, self.warmup = initial_s, k, floor_s, warmup
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.samples = 0
+
+    def observe(self, sample_s: float) -> None:
+        """Add one measured response time (seconds)."""
+        if not math.isfinite(sample_s) or sample_s < 0:
+            return
+        if self.srtt is None:
+            self.srtt, self.rttvar = sample_s, sample_s / 2
+        else:
+            self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - sample_s)
+            self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * sample_s
+        self.samples += 1
+
+    def deadline_s(self) -> float:
+        """How long after sending to wait for this peer's non-critical partials (seconds)."""
+        if self.srtt is None or self.samples < self.warmup:
+            return self.initial_s
+        return max(self.floor_s, self.srtt + self.k * self.rttvar)
+
+
+@dataclass(slots=True)
+class SyncRecord:
+    """What happened at one sync point (for ``--json`` and the chat status line).
+
+    Attributes:
+        layer, part: the sync point.
+        wait_s: time from sending the input to moving on (seconds).
+        used: groups whose whole partial was summed.
+        partial: groups of which only some chunks were summed.
+        missing: groups of which nothing arrived in time.
+        late: chunks that arrived after the coordinator moved on.
+        resends: Resend requests sent for critical groups.
+        critical: critical groups at this point.
+    """
+
+    layer: int
+    part: int
+    wait_s: float = 0.0
+    used: int = 0
+    partial: int = 0
+    missing: int = 0
+    late: int = 0
+    resends: int = 0
+    critical: int = 0
+    skipped_groups: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One forward pass (a decoded token, or a prompt): its sync points."""
+
+    step: int
+    start_pos: int
+    n_tokens: int
+    syncs: list[SyncRecord] = field(default_factory=list)
+
+    @property
+    def wait_s(self) -> float:
+        return sum(s.wait_s for s in self.syncs)
+
+    @property
+    def skipped(self) -> int:
+        """Groups not (fully) summed: missing or partial."""
+        return sum(s.missing + s.partial for s in self.syncs)
+
+    @property
+    def late(self) -> int:
+        return sum(s.late for s in self.syncs)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "step": self.step, "start_pos": self.start_pos, "n_tokens": self.n_tokens,
+            "wait_ms": 1000 * self.wait_s, "skipped_groups": self.skipped, "late_chunks": self.late,
+            "resends": sum(s.resends for s in self.syncs),
+            "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
+        }
+
+
+class SyncPoint:
+    """Partials of the remote groups at one (step, layer, part).
+
+    Args:
+        step, layer, part: the sync point.
+        n_tokens, dim: shape of each group's partial.
+        owners: group index -> peer, for the remote groups only.
+        critical: group indices that must be complete before moving on.
+        dtype: wire dtype of the partials.
+        sent_at_s: clock time the input was sent (seconds).
+    """
+
+    def __init__(self, step: int, layer: int, part: int, *, n_tokens: int, dim: int,
+                 owners: Mapping[int, str], critical: frozenset[int], dtype: str, sent_at_s: float) -> None:
+        self.step, self.layer, self.part = step, layer, part
+        self.n_tokens, self.dim = n_tokens, dim
+        self.owners = dict(owners)
+        self.critical = frozenset(g for g in critical if g in self.owners)
+        self.sent_at_s = sent_at_s
+        self.parts = {g: Reassembly(n_tokens * dim, dtype) for g in self.owners}
+        self.done_at_s: dict[str, float] = {}          # peer -> time its last group completed
+        self.record = SyncRecord(layer, part, critical=len(self.critical))
+        self.closed = False
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.step, self.layer, self.part
+
+    def add(self, peer: str, msg: Partial, now_s: float) -> bool:
+        """Add one chunk from ``peer``; returns True if it brought new elements.
+
+        Raises:
+            WireError: the group is not ``peer``'s at this point, or the chunk falls outside the
+                partial or has the wrong dtype (the caller drops and counts it).
+        """
+        if self.owners.get(msg.group) != peer:
+            raise WireError(f"partial of group {msg.group} at layer {self.layer} part {self.part} "
+                            f"from {peer!r}, which does not own it", "check the peers run the same plan")
+        new = self.parts[msg.group].add(msg.offset, msg.data) > 0
+        if self.closed and new:
+            self.record.late += 1
+        if new and peer not in self.done_at_s and self.peer_complete(peer):
+            self.done_at_s[peer] = now_s
+        return new and not self.closed
+
+    def complete(self, group: int) -> bool:
+        return self.parts[group].complete
+
+    def peer_complete(self, peer: str) -> bool:
+        return all(self.parts[g].complete for g, p in self.owners.items() if p == peer)
+
+    @property
+    def all_complete(self) -> bool:
+        return all(r.complete for r in self.parts.values())
+
+    @property
+    def critical_complete(self) -> bool:
+        return all(self.parts[g].complete for g in self.critical)
+
+    def missing_critical(self) -> dict[str, list[int]]:
+        """peer -> its critical groups not yet complete."""
+        out: dict[str, list[int]] = {}
+        for g in sorted(self.critical):
+            if not self.parts[g].complete:
+                out.setdefault(self.owners[g], []).append(g)
+        return out
+
+    def pending_peers(self) -> set[str]:
+        """Peers with at least one incomplete group."""
+        return {self.owners[g] for g, r in self.parts.items() if not r.complete}
+
+    def close(self, now_s: float) -> np.ndarray:
+        """Stop waiting: record what arrived and return the float32 ``(T, dim)`` sum of it.
+
+        Missing elements count as zero (relaxed synchronization): a partially received group
+        contributes the chunks that arrived.
+        """
+        self.closed = True
+        rec = self.record
+        rec.wait_s = now_s - self.sent_at_s
+        total = np.zeros(self.n_tokens * self.dim, dtype=np.float32)
+        for g, r in self.parts.items():
+            if r.complete:
+                rec.used += 1
+            elif r.received_elems:
+                rec.partial += 1
+                rec.skipped_groups.append(g)
+            else:
+                rec.missing += 1
+                rec.skipped_groups.append(g)
+            if r.received_elems:
+                total += r.array
+        return total.reshape(self.n_tokens, self.dim)

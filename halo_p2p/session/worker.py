@@ -1,0 +1,230 @@
+"""A worker of a split model: computes its neuron groups' partials for a coordinator.
+
+It receives a :class:`~halo_p2p.wire.messages.Plan`, loads only its groups, then for every
+:class:`~halo_p2p.wire.messages.LayerInput` it can assemble (data chunks, or data rebuilt from
+XOR parity) computes its groups' partials in order and sends them back as
+:class:`~halo_p2p.wire.messages.Partial` chunks. Inputs of sync points older than the newest one
+computed are stale and dropped; a position whose input never arrived stays masked out of this
+worker's attention heads (see :meth:`halo_p2p.model.shard.GroupShard.partials`). It keeps the
+partials of the last few sync points to answer :class:`~halo_p2p.wire.messages.Resend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.engine.protocol import GroupCompute
+from halo_p2p.errors import HaloError, LinkClosed, WireError
+from halo_p2p.groups import GroupId, GroupLayout
+from halo_p2p.net.link import Channel, Link
+from halo_p2p.plan import PlacementPlan
+from halo_p2p.wire import codec, fec
+from halo_p2p.wire.chunks import chunk_ranges, split_ranges
+from halo_p2p.wire.messages import (
+    Bye,
+    ErrorReply,
+    LayerInput,
+    NeedInput,
+    Partial,
+    Plan,
+    PlanReady,
+    Resend,
+    Reset,
+)
+
+__all__ = ["ShardFactory", "Worker"]
+
+log = logging.getLogger(__name__)
+
+ShardFactory = Callable[[GroupLayout, list[GroupId], int], GroupCompute]
+"""Builds a peer's shard from (layout, its groups, max_seq_len); runs on the compute thread."""
+
+_KEEP_RESULTS = 8
+
+
+@dataclass(slots=True)
+class _Input:
+    n_tokens: int
+    start_pos: int
+    n_data: int
+    n_parity: int
+    dtype: np.dtype
+    chunks: dict[int, np.ndarray] = field(default_factory=dict)
+    queued: bool = False
+
+
+class Worker:
+    """Serves one coordinator over ``link``.
+
+    Args:
+        peer_id: this peer's id (as named in plans).
+        link: the link to the coordinator.
+        layout: the model's group layout (from this peer's own copy of the model).
+        shard_factory: builds the shard for the groups a plan assigns to this peer.
+        compute: this peer's compute thread.
+    """
+
+    def __init__(self, peer_id: str, link: Link, layout: GroupLayout, shard_factory: ShardFactory,
+                 compute: ComputeThread) -> None:
+        self.peer_id, self.link, self.layout = peer_id, link, layout
+        self.shard_factory, self.compute = shard_factory, compute
+        self.shard: GroupCompute | None = None
+        self.session = -1
+        self.mode = "halo"
+        self.channel = Channel.UNRELIABLE
+        self.wire_dtype = np.dtype(np.float16)
+        self._inputs: dict[tuple[int, int, int], _Input] = {}
+        self._results: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()
+        self._latest: tuple[int, int, int] = (-1, -1, -1)   # newest sync point computed
+        self._queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
+        self.counters: Counter[str] = Counter()
+
+    async def run(self) -> None:
+        """Serve until the link closes or the coordinator says Bye."""
+        computer = asyncio.create_task(self._compute_loop(), name=f"compute-{self.peer_id}")
+        try:
+            while True:
+                try:
+                    _, frame = await self.link.recv()
+                except LinkClosed:
+                    return
+                try:
+                    msg = codec.decode(frame)
+                except WireError as exc:
+                    self.counters["malformed"] += 1
+                    log.debug("%s: malformed frame: %s", self.peer_id, exc)
+                    continue
+                if isinstance(msg, LayerInput):
+                    self._on_input(msg)
+                elif isinstance(msg, Resend):
+                    await self._on_resend(msg)
+                elif isinstance(msg, Plan):
+                    await self._on_plan(msg)
+                elif isinstance(msg, Reset):
+                    self._inputs.clear()
+                    self._results.clear()
+                elif isinstance(msg, Bye):
+                    return
+                else:
+                    self.counters["unexpected"] += 1
+        finally:
+            computer.cancel()
+            await asyncio.gather(computer, return_exceptions=True)
+
+    async def _on_plan(self, msg: Plan) -> None:
+        t0 = time.perf_counter()
+        try:
+            body = msg.plan
+            plan = PlacementPlan.from_dict(body["placement"], self.layout)
+            max_seq_len = int(body["max_seq_len"])
+            groups = plan.groups_of(self.peer_id)
+            self.shard = await self.compute.run(self.shard_factory, self.layout, groups, max_seq_len)
+        except (HaloError, KeyError, TypeError, ValueError) as exc:
+            self.counters["bad_plan"] += 1
+            log.warning("%s: refusing plan: %s", self.peer_id, exc)
+            await self.link.send(Channel.RELIABLE, codec.encode(ErrorReply(code="bad-plan", message=str(exc))))
+            return
+        self.session, self.mode = msg.session, msg.mode
+        self.channel = Channel.RELIABLE if msg.mode == "strict" else Channel.UNRELIABLE
+        self.wire_dtype = np.dtype(msg.wire_dtype)
+        self._inputs.clear()
+        self._results.clear()
+        self._latest = (-1, -1, -1)
+        ready = PlanReady(session=msg.session, weight_bytes=self.shard.weight_bytes(),
+                          load_s=time.perf_counter() - t0)
+        await self.link.send(Channel.RELIABLE, codec.encode(ready))
+
+    def _on_input(self, msg: LayerInput) -> None:
+        key = (msg.step, msg.layer, msg.part)
+        if msg.session != self.session or self.shard is None:
+            self.counters["stale"] += 1
+            return
+        if key <= self._latest:
+            self.counters["stale"] += 1
+            return
+        inp = self._inputs.get(key)
+        if inp is None:
+            dtype = msg.data.dtype if msg.chunk < msg.n_data else (
+                np.dtype(np.float16) if msg.data.dtype == np.uint16 else np.dtype(np.float32))
+            inp = self._inputs[key] = _Input(msg.n_tokens, msg.start_pos, msg.n_data, msg.n_parity, dtype)
+        if inp.queued:
+            return
+        inp.chunks[msg.chunk] = msg.data
+        if self._assemble(key, inp) is not None:
+            inp.queued = True
+            self._queue.put_nowait(key)
+
+    def _assemble(self, key: tuple[int, int, int], inp: _Input) -> np.ndarray | None:
+        total = inp.n_tokens * self.layout.dim
+        lengths = [b - a for a, b in split_ranges(total, inp.n_data)]
+        try:
+            data = fec.recover(inp.chunks, inp.n_data, inp.n_parity, lengths, inp.dtype)
+        except (WireError, ValueError) as exc:
+            self.counters["malformed"] += 1
+            log.debug("%s: bad input chunks for %s: %s", self.peer_id, key, exc)
+            inp.chunks.clear()
+            return None
+        if data is None:
+            return None
+        return np.concatenate(data).reshape(inp.n_tokens, self.layout.dim)
+
+    async def _compute_loop(self) -> None:
+        while True:
+            key = await self._queue.get()
+            inp = self._inputs.pop(key, None)
+            if inp is None or key <= self._latest or self.shard is None:
+                self.counters["stale"] += 1
+                continue
+            x = self._assemble(key, inp)
+            if x is None:
+                continue
+            step, layer, part = key
+            self._latest = key
+            for old in [k for k in self._inputs if k <= key]:
+                del self._inputs[old]
+            partials = await self.compute.run(self.shard.partials, layer, part, x, inp.start_pos)
+            frames = self._frames(step, layer, part, partials)
+            self._results[key] = frames
+            while len(self._results) > _KEEP_RESULTS:
+                self._results.popitem(last=False)
+            for group_frames in frames:
+                for frame in group_frames:
+                    await self.link.send(self.channel, frame)
+
+    def _frames(self, step: int, layer: int, part: int, partials: np.ndarray) -> list[list[bytes]]:
+        groups = self.shard.groups_at(layer, part) if self.shard else []
+        wire = partials.astype(self.wire_dtype).reshape(len(groups), -1)
+        max_elems = codec.max_payload_elems(self.wire_dtype, message_type=Partial)
+        ranges = chunk_ranges(wire.shape[1], max_elems) if wire.size else []
+        out = []
+        for g, row in zip(groups, wire, strict=True):
+            out.append([codec.encode(Partial(session=self.session, step=step, layer=layer, part=part,  # type: ignore[arg-type]
+                                             group=g, offset=a, data=row[a:b])) for a, b in ranges])
+        return out
+
+    async def _on_resend(self, msg: Resend) -> None:
+        key = (msg.step, msg.layer, msg.part)
+        if msg.session != self.session:
+            return
+        frames = self._results.get(key)
+        if frames is None:
+            waiting = key in self._inputs and not self._inputs[key].queued
+            if waiting or (key > self._latest and key not in self._inputs):
+                self.counters["need_input"] += 1
+                await self.link.send(Channel.UNRELIABLE, codec.encode(NeedInput(
+                    session=self.session, step=msg.step, layer=msg.layer, part=msg.part)))  # type: ignore[arg-type]
+            return
+        groups = self.shard.groups_at(msg.layer, msg.part) if self.shard else []
+        self.counters["resent_groups"] += len(msg.groups)
+        for g in msg.groups:
+            if g in groups:
+                for frame in frames[groups.index(g)]:
+                    await self.link.send(self.channel, frame)

@@ -1,0 +1,391 @@
+"""The messages peers exchange: frozen, typed dataclasses, one per wire kind.
+
+Each class has a class-level integer ``KIND`` (its tag on the wire), a ``RELIABLE`` flag naming the
+data channel it travels on, and a ``version`` field (the wire major version, :data:`WIRE_VERSION`).
+Field order is wire order: :mod:`halo_p2p.wire.codec` encodes a message as the CBOR array
+``[version, KIND, *other fields in declaration order]`` (see ``docs/wire-protocol.md``).
+
+Field annotations are the wire schema; the codec reads them once at import:
+
+- ``int``: an unsigned integer below 2**32 (``U64``: below 2**64; ``Part``: 0 or 1);
+- ``float``: a finite float (seconds, in ``*_s`` fields);
+- ``str`` / ``Literal["a", "b"]``: a text string (one of the literals);
+- ``tuple[int, ...]``: an array of unsigned 32-bit integers;
+- ``dict[str, Any]``: a JSON-like map (str keys; values None, bool, int, float, str, list, dict);
+- ``Activations`` / ``WireArray``: a 1-D numpy array sent as an RFC 8746 typed array.
+
+Arrays are compared bit for bit by ``==`` (dtype and bit patterns, whatever the byte order), so
+``-0.0 != 0.0`` and a NaN equals the same NaN; messages are unhashable.
+
+Adding a kind: define its class with a fresh ``KIND`` and ``RELIABLE`` (and a ``check`` method if
+fields constrain each other); add it to the :data:`Message` union and to :data:`MESSAGE_TYPES`;
+add its example to ``tests/test_wire_codec.py`` and its golden frame to ``tests/data/wire/``. The
+codec needs no change unless a new field type appears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "REGISTRY",
+    "U64",
+    "WIRE_VERSION",
+    "Activations",
+    "Bye",
+    "Dtypes",
+    "ErrorReply",
+    "Heartbeat",
+    "HeartbeatAck",
+    "LayerInput",
+    "MaxValue",
+    "Message",
+    "NeedInput",
+    "Part",
+    "Partial",
+    "Plan",
+    "PlanReady",
+    "Resend",
+    "Reset",
+    "WireArray",
+]
+
+WIRE_VERSION = 1
+"""The wire major version this code speaks; frames of any other version are refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaxValue:
+    """Schema metadata: the inclusive maximum of an unsigned integer field."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dtypes:
+    """Schema metadata: the numpy dtype names an array field may carry."""
+
+    value: tuple[str, ...]
+
+
+U64 = Annotated[int, MaxValue(2**64 - 1)]
+"""An unsigned integer below 2**64 (plain ``int`` fields are below 2**32)."""
+Part = Annotated[int, MaxValue(1)]
+"""A sync point within a layer: 0 = attention input/output, 1 = MLP input/output."""
+Activations = Annotated[np.ndarray, Dtypes(("float16", "float32"))]
+"""A 1-D float16 or float32 array of activations."""
+WireArray = Annotated[np.ndarray, Dtypes(("float16", "float32", "uint16", "uint32"))]
+"""A 1-D array of activations or of their XOR parity bit patterns (uint16 / uint32)."""
+
+
+def _little(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return dtype.newbyteorder("<")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class _Base:
+    """Behaviour shared by every message: bitwise ``==``, a short ``repr``, no cross-field rule."""
+
+    KIND: ClassVar[int]
+    RELIABLE: ClassVar[bool]
+
+    version: int = WIRE_VERSION
+
+    def check(self) -> str | None:
+        """Return the first broken cross-field rule (a sentence), or None if there is none.
+
+        Field types are checked by the codec; this checks how fields constrain each other.
+        """
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+                        and _little(a.dtype) == _little(b.dtype)
+                        and a.astype(_little(a.dtype), copy=False).tobytes()
+                        == b.astype(_little(b.dtype), copy=False).tobytes()):
+                    return False
+            elif type(a) is not type(b) or a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # arrays and dicts are unhashable
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            shown = f"<{v.dtype}[{v.size}]>" if isinstance(v, np.ndarray) else repr(v)
+            parts.append(f"{f.name}={shown}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+# --- activations: the unreliable channel, one frame per SCTP packet -----------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class LayerInput(_Base):
+    """Coordinator -> worker: one chunk of the normalized input of sync point ``(layer, part)``.
+
+    The input is the flattened ``(n_tokens, dim)`` array (row-major). Data chunks
+    ``0 .. n_data-1`` cover ``chunks.split_ranges(n_tokens * dim, n_data)``; chunk ``k`` holds
+    elements ``[offset, offset + len(data))``. Chunks ``n_data .. n_data+n_parity-1`` are XOR
+    parity (``fec.encode_parity``): ``data`` holds bit patterns (uint16 for float16 data, uint32
+    for float32) and ``offset`` is 0.
+
+    Attributes:
+        session: session id (from :class:`Plan`).
+        step: forward-pass counter within the session.
+        layer: transformer block index.
+        part: 0 = attention input, 1 = MLP input.
+        start_pos: position (tokens) of the first of the ``n_tokens`` rows in the sequence.
+        n_tokens: rows of the input.
+        chunk: index of this chunk, ``< n_data + n_parity``.
+        n_data: number of data chunks (>= 1).
+        n_parity: number of parity chunks (``0 <= n_parity <= n_data``).
+        offset: first element (flat index) of a data chunk; 0 for a parity chunk.
+        data: 1-D float16/float32 elements, or uint16/uint32 parity bit patterns.
+    """
+
+    KIND: ClassVar[int] = 1
+    RELIABLE: ClassVar[bool] = False
+
+    session: int
+    step: int
+    layer: int
+    part: Part
+    start_pos: int
+    n_tokens: int
+    chunk: int
+    n_data: int
+    n_parity: int
+    offset: int
+    data: WireArray
+
+    def check(self) -> str | None:
+        if self.n_tokens < 1 or self.n_data < 1:
+            return f"n_tokens ({self.n_tokens}) and n_data ({self.n_data}) must be >= 1"
+        if self.n_parity > self.n_data:
+            return f"n_parity ({self.n_parity}) must be <= n_data ({self.n_data})"
+        if self.chunk >= self.n_data + self.n_parity:
+            return f"chunk {self.chunk} out of range for n_data {self.n_data} + n_parity {self.n_parity}"
+        if self.chunk < self.n_data:
+            if self.data.dtype.kind != "f":
+                return f"data chunk {self.chunk} must be float16 or float32, got {self.data.dtype}"
+        else:
+            if self.data.dtype.kind != "u":
+                return f"parity chunk {self.chunk} must be uint16 or uint32, got {self.data.dtype}"
+            if self.offset != 0:
+                return f"parity chunk {self.chunk} must have offset 0, got {self.offset}"
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Partial(_Base):
+    """Worker -> coordinator: a slice of one neuron group's partial output at ``(layer, part)``.
+
+    Attributes:
+        session: session id.
+        step: forward-pass counter.
+        layer: transformer block index.
+        part: 0 = attention output, 1 = MLP output.
+        group: index of the group among the layer's attention groups (part 0) or MLP groups
+            (part 1).
+        offset: first element (flat index) of ``data`` in the flattened ``(n_tokens, dim)``
+            partial output.
+        data: 1-D float16 or float32 elements ``[offset, offset + len(data))``.
+    """
+
+    KIND: ClassVar[int] = 2
+    RELIABLE: ClassVar[bool] = False
+
+    session: int
+    step: int
+    layer: int
+    part: Part
+    group: int
+    offset: int
+    data: Activations
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Resend(_Base):
+    """Coordinator -> worker: send these (critical, missing) groups' partials again.
+
+    Attributes:
+        session, step, layer, part: the sync point, as in :class:`Partial`.
+        groups: group indices (non-empty).
+    """
+
+    KIND: ClassVar[int] = 3
+    RELIABLE: ClassVar[bool] = False
+
+    session: int
+    step: int
+    layer: int
+    part: Part
+    groups: tuple[int, ...]
+
+    def check(self) -> str | None:
+        return None if self.groups else "groups must not be empty"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class NeedInput(_Base):
+    """Worker -> coordinator: the input of this sync point never arrived or could not be rebuilt.
+
+    Attributes:
+        session, step, layer, part: the sync point, as in :class:`LayerInput`.
+    """
+
+    KIND: ClassVar[int] = 4
+    RELIABLE: ClassVar[bool] = False
+
+    session: int
+    step: int
+    layer: int
+    part: Part
+
+
+# --- control: the reliable channel ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Plan(_Base):
+    """Coordinator -> worker: load these groups and start session ``session``.
+
+    Attributes:
+        session: new session id (unsigned 32-bit; chosen by the coordinator).
+        model_sha256: lowercase hex SHA-256 of the model file (64 characters).
+        plan: the placement plan, an opaque JSON-like dict built by the planner.
+        wire_dtype: activation dtype on the wire, ``"float16"`` or ``"float32"``.
+        mode: ``"strict"`` (wait for every partial) or ``"halo"`` (relaxed synchronization).
+    """
+
+    KIND: ClassVar[int] = 8
+    RELIABLE: ClassVar[bool] = True
+
+    session: int
+    model_sha256: str
+    plan: dict[str, Any]
+    wire_dtype: Literal["float16", "float32"]
+    mode: Literal["strict", "halo"]
+
+    def check(self) -> str | None:
+        sha = self.model_sha256
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            return f"model_sha256 must be 64 lowercase hex digits, got {sha[:80]!r}"
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class PlanReady(_Base):
+    """Worker -> coordinator: the groups of the plan are loaded.
+
+    Attributes:
+        session: the session of the :class:`Plan`.
+        weight_bytes: bytes of weights the worker holds for this plan.
+        load_s: seconds it took to load them (>= 0).
+    """
+
+    KIND: ClassVar[int] = 9
+    RELIABLE: ClassVar[bool] = True
+
+    session: int
+    weight_bytes: U64
+    load_s: float
+
+    def check(self) -> str | None:
+        return None if self.load_s >= 0 else f"load_s must be >= 0, got {self.load_s}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Reset(_Base):
+    """Coordinator -> worker: clear the KV cache of ``session`` (a new conversation)."""
+
+    KIND: ClassVar[int] = 10
+    RELIABLE: ClassVar[bool] = True
+
+    session: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Bye(_Base):
+    """Either way: the sender is leaving; ``reason`` is for humans. Layout frozen in every version."""
+
+    KIND: ClassVar[int] = 11
+    RELIABLE: ClassVar[bool] = True
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class ErrorReply(_Base):
+    """Either way: the sender refuses a message (see ``docs/wire-protocol.md`` for the codes).
+
+    The layout is frozen in every version, so peers of different versions can still tell why.
+
+    Attributes:
+        code: machine-readable code; the wire layer reserves ``"version_mismatch"`` and
+            ``"decode_error"``.
+        message: one human-readable line naming the problem.
+    """
+
+    KIND: ClassVar[int] = 12
+    RELIABLE: ClassVar[bool] = True
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class Heartbeat(_Base):
+    """Either way, on the unreliable channel: liveness and round-trip probe.
+
+    Attributes:
+        seq: sender's counter.
+        sent_s: sender's monotonic clock in seconds, echoed back unchanged by the ack.
+    """
+
+    KIND: ClassVar[int] = 13
+    RELIABLE: ClassVar[bool] = False
+
+    seq: int
+    sent_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class HeartbeatAck(_Base):
+    """Answer to :class:`Heartbeat`, echoing its ``seq`` and ``sent_s``."""
+
+    KIND: ClassVar[int] = 14
+    RELIABLE: ClassVar[bool] = False
+
+    seq: int
+    sent_s: float
+
+
+Message = (LayerInput | Partial | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
+           | Heartbeat | HeartbeatAck)
+"""Every message kind; dispatch with ``match`` and ``assert_never``."""
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    LayerInput, Partial, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
+    HeartbeatAck,
+)
+"""Every message class, in KIND order."""
+
+REGISTRY: dict[int, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
+"""KIND -> message class."""
+
+if len(REGISTRY) != len(MESSAGE_TYPES):  # pragma: no cover - caught at import by every test
+    raise RuntimeError("two message classes share a KIND")
+
