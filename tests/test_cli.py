@@ -145,3 +145,22 @@ def test_chat_flag_on_a_model_without_template() -> None:
 
 def test_missing_text_file(tmp_path: Path) -> None:
     _one_line_error(halo("perplexity", "--text-file", str(tmp_path / "absent.txt")), "absent.txt")
+
+
+def test_generate_on_emulated_peers_reports_sync_figures() -> None:
+    out = halo("generate", "--prompt", "Once upon a time", "--max-tokens", "12", "--temperature", "0", "--json",
+               "--emulate-peers", "3", "--sync", "halo", "--plr", "0.2", "--delay-ms", "1", "--link-seed", "1")
+    assert out.returncode == 0, out.stderr.decode()
+    data = json.loads(out.stdout)
+    split = data["split"]
+    assert split["peers"] == 3 and split["sync"] == "halo"
+    assert len(split["per_token"]) == 12                      # the prompt pass and 11 decode steps
+    assert all({"wait_ms", "skipped_groups", "resends"} <= set(t) for t in split["per_token"])
+    assert sum(t["skipped_groups"] for t in split["per_token"]) > 0   # 20 % loss skips something
+    assert set(split["weight_bytes"]) == {"coordinator", "worker1", "worker2"}
+
+
+def test_bad_split_flags() -> None:
+    _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "3", "--shares", "1,2"),
+                    "--shares has 2 values for 3 peers")
+    _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "2", "--plr", "1.5"), "--plr 1.5")

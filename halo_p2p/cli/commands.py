@@ -14,13 +14,17 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from halo_p2p.engine.local import LocalEngine
+from halo_p2p.engine.protocol import Engine
 from halo_p2p.errors import ConfigError, ModelNotFound
 from halo_p2p.model.chat import Message, require_template
 from halo_p2p.model.loader import LoadedModel, open_model
 from halo_p2p.model.pull import pull
 from halo_p2p.model.registry import KNOWN_MODELS, list_models
+from halo_p2p.net.link import LinkConditions
+from halo_p2p.node.emulate import EmulatedSwarm, PeerProfile, start_emulated_swarm
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.bench import bench
+from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator, perplexity
 
 __all__ = ["run"]
@@ -82,10 +86,55 @@ async def load(args: argparse.Namespace) -> LoadedModel:
         return await asyncio.to_thread(open_model, args.model, tokenizer_path=args.tokenizer)
 
 
-async def make_engine(args: argparse.Namespace, model: LoadedModel) -> LocalEngine:
+async def make_engine(args: argparse.Namespace, model: LoadedModel) -> Engine:
+    """A local engine, or an emulated split model with ``--emulate-peers N``."""
     if args.ctx is not None and args.ctx < 2:
         raise ConfigError(f"--ctx {args.ctx} is too small", "use at least 2 tokens")
+    if getattr(args, "emulate_peers", 0):
+        return await emulated_engine(args, model)
     return await asyncio.to_thread(LocalEngine, model.source, max_seq_len=args.ctx, dtype=args.dtype)
+
+
+async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> EmulatedSwarm:
+    n = args.emulate_peers
+    if n < 1:
+        raise ConfigError(f"--emulate-peers {n}", "use 1 or more peers")
+    if not 0 <= args.plr < 1:
+        raise ConfigError(f"--plr {args.plr} is outside [0, 1)", "use e.g. --plr 0.05")
+    shares = [1.0] * n
+    if args.shares:
+        try:
+            shares = [float(x) for x in args.shares.split(",")]
+        except ValueError:
+            raise ConfigError(f"--shares {args.shares!r} is not a list of numbers", "use e.g. --shares 1,2,1") from None
+        if len(shares) != n:
+            raise ConfigError(f"--shares has {len(shares)} values for {n} peers", "give one share per peer")
+    lossy = n - 1 if args.lossy_peers is None else args.lossy_peers
+    profiles = []
+    for i in range(n):
+        plr = args.plr if i >= n - lossy and i > 0 else 0.0
+        link = LinkConditions(plr=plr, delay_s=args.delay_ms / 1000, jitter_s=args.jitter_ms / 1000,
+                              rto_s=args.rto_ms / 1000)
+        profiles.append(PeerProfile(name="coordinator" if i == 0 else f"worker{i}", share=shares[i], link=link))
+    ctx = args.ctx or min(model.source.config.max_seq_len, 2048)
+    options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
+    return await start_emulated_swarm(model.source, profiles, options, mlp_group_size=args.mlp_group_size,
+                                      critical_fraction=args.critical_fraction, seed=args.link_seed)
+
+
+def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
+    """The per-token synchronization figures of an emulated split model (empty otherwise)."""
+    if not isinstance(engine, EmulatedSwarm):
+        return {}
+    records = [r.as_dict() for r in engine.coordinator.records]
+    decode = records[1:] or records
+    return {"split": {
+        "peers": args.emulate_peers, "sync": args.sync, "plr": args.plr, "delay_ms": args.delay_ms,
+        "weight_bytes": engine.weight_bytes(), "counters": dict(engine.coordinator.counters),
+        "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
+        "mean_skipped_groups": sum(r["skipped_groups"] for r in decode) / len(decode),
+        "per_token": records,
+    }}
 
 
 def chat_prompt(model: LoadedModel, messages: list[Message]) -> str:
@@ -109,6 +158,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
             if not args.json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+        report = split_report(engine, args)
     finally:
         await engine.aclose()
     s = gen.stats
@@ -118,6 +168,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
             "prompt_tokens": s.prompt_tokens, "generated_tokens": len(s.token_ids),
             "stop_reason": s.stop_reason, "prefill_ms": 1000 * s.prefill_s,
             "tpot_ms": s.tpot_ms, "tpot_p95_ms": s.tpot_p95_ms, "tokens_per_s": s.tokens_per_s,
+            **report,
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -137,12 +188,15 @@ async def cmd_perplexity(args: argparse.Namespace) -> int:
     ids = model.tokenizer.encode(text)
     engine = await make_engine(args, model)
     try:
-        result = await perplexity(engine, ids)
+        result = await perplexity(engine, ids, chunk_tokens=args.chunk_tokens)
+        report = split_report(engine, args)
     finally:
         await engine.aclose()
     if args.json:
+        if report:
+            report["split"].pop("per_token")
         print(json.dumps({"model": model.name, "tokens": result.tokens, "mean_nll": result.mean_nll,
-                          "perplexity": result.perplexity}))
+                          "perplexity": result.perplexity, **report}))
     else:
         print(f"{model.name}: {result.tokens} tokens, mean NLL {result.mean_nll:.4f} nats, "
               f"perplexity {result.perplexity:.3f}")
@@ -182,7 +236,8 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         result = await bench(engine, prompt, args.tokens, repeat=args.repeat)
     finally:
         await engine.aclose()
-    figures = {"model": model.name, "weight_bytes": engine.model.weight_bytes(), **result.as_dict()}
+    weights = engine.model.weight_bytes() if isinstance(engine, LocalEngine) else 0
+    figures = {"model": model.name, "weight_bytes": weights, **result.as_dict()}
     if args.json:
         print(json.dumps(figures))
         return 0

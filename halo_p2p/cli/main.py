@@ -34,6 +34,28 @@ def _model_args(p: argparse.ArgumentParser, default: str) -> None:
                    help="weight dtype; float16 halves decode memory traffic (default float32)")
 
 
+def _split_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("split model, emulated in this process over in-memory lossy links")
+    g.add_argument("--emulate-peers", type=int, default=0, metavar="N",
+                   help="run the model split over N emulated peers (the coordinator and N-1 workers)")
+    g.add_argument("--sync", choices=("strict", "halo"), default="halo",
+                   help="strict: wait for every partial; halo: skip late non-critical groups (default)")
+    g.add_argument("--plr", type=float, default=0.0, help="packet-loss rate of the lossy workers' links")
+    g.add_argument("--lossy-peers", type=int, default=None, metavar="K",
+                   help="how many workers (the last K) get --plr (default: all)")
+    g.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay of every worker link (ms)")
+    g.add_argument("--jitter-ms", type=float, default=0.0, help="extra uniform delay of every link (ms)")
+    g.add_argument("--rto-ms", type=float, default=200.0,
+                   help="retransmission timeout of the reliable channel used by strict (ms, default 200)")
+    g.add_argument("--shares", default=None, help="relative group shares per peer, e.g. 1,2,1 (default equal)")
+    g.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16",
+                   help="activation dtype on the wire (default float16)")
+    g.add_argument("--critical-fraction", type=float, default=0.5,
+                   help="share of MLP groups the coordinator always waits for in halo mode (default 0.5)")
+    g.add_argument("--mlp-group-size", type=int, default=None, help="neurons per MLP group")
+    g.add_argument("--link-seed", type=int, default=0, help="seed of the emulated losses (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``halo-peer`` parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -54,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt for --chat (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _sampling_args(p, temperature=0.8)
+    _split_args(p)
 
     p = sub.add_parser("perplexity", help="teacher-forced perplexity of a text file")
     _model_args(p, "stories260K")
     p.add_argument("--text-file", required=True, help="UTF-8 text to score")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--chunk-tokens", type=int, default=256,
+                   help="tokens per forward pass; 1 scores like decoding (relaxed sync applies)")
+    _split_args(p)
 
     p = sub.add_parser("chat", help="chat in the terminal")
     _model_args(p, "smollm2-135m-instruct")

@@ -10,41 +10,83 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
+from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables, rms_norm
 from halo_p2p.model.source import TensorSource
 
-__all__ = ["GroupShard", "Trunk", "mlp_group_scores"]
+__all__ = ["GroupShard", "GroupWeights", "SliceWeights", "Trunk", "mlp_group_scores"]
 
 log = logging.getLogger(__name__)
 
 
-def _rows(source: TensorSource, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([source.load(name, rows=r) for r in ranges]))
+ATTN_TENSORS = ("wq", "wk", "wv", "wo")
+MLP_TENSORS = ("w1", "w3", "w2")
 
 
-def _cols(full: np.ndarray, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate([full[:, a:b] for a, b in ranges], axis=1)))
+class GroupWeights(Protocol):
+    """Where a shard gets the weight slices of one neuron group.
+
+    ``group(gid)`` returns float32 arrays: for an attention group ``wq`` ``(r*hd, dim)``,
+    ``wk``/``wv`` ``(hd, dim)`` (rows) and ``wo`` ``(dim, r*hd)`` (columns); for an MLP group
+    ``w1``/``w3`` ``(G, dim)`` (rows) and ``w2`` ``(dim, G)`` (columns). See :mod:`halo_p2p.groups`.
+    """
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def group(self, gid: GroupId) -> dict[str, np.ndarray]: ...
+
+
+class SliceWeights:
+    """:class:`GroupWeights` cut from a local model file (row slices are dequantized alone;
+    Wo and W2 are loaded one layer at a time and sliced by columns)."""
+
+    def __init__(self, source: TensorSource, layout: GroupLayout) -> None:
+        self.source, self.layout = source, layout
+        self._cols: tuple[str, np.ndarray] | None = None   # the last column-sliced matrix
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.source.config
+
+    def _columns(self, name: str, a: int, b: int) -> np.ndarray:
+        if self._cols is None or self._cols[0] != name:
+            self._cols = (name, self.source.load(name))
+        return np.ascontiguousarray(self._cols[1][:, a:b])
+
+    def group(self, gid: GroupId) -> dict[str, np.ndarray]:
+        p, lay, src = f"layers.{gid.layer}.", self.layout, self.source
+        if gid.part == ATTN:
+            q, kv = lay.q_rows(gid.index), lay.kv_rows(gid.index)
+            return {"wq": src.load(p + "wq", rows=q), "wk": src.load(p + "wk", rows=kv),
+                    "wv": src.load(p + "wv", rows=kv), "wo": self._columns(p + "wo", *q)}
+        rows = lay.mlp_rows(gid.index)
+        return {"w1": src.load(p + "w1", rows=rows), "w3": src.load(p + "w3", rows=rows),
+                "w2": self._columns(p + "w2", *rows)}
 
 
 class GroupShard:
     """The neuron groups one peer computes, with their weights and KV caches.
 
     Args:
-        source: model weights (only the needed rows are loaded; Wo and W2 are loaded one layer
-            at a time and sliced by columns).
+        weights: the group weight slices (a local file via :class:`SliceWeights`, or weights
+            streamed from the coordinator).
         layout: the model's group layout.
         groups: the groups to hold.
         max_seq_len: KV-cache length in tokens.
     """
 
-    def __init__(self, source: TensorSource, layout: GroupLayout, groups: Iterable[GroupId], *,
+    def __init__(self, weights: GroupWeights | TensorSource, layout: GroupLayout, groups: Iterable[GroupId], *,
                  max_seq_len: int) -> None:
-        c = source.config
+        if not hasattr(weights, "group"):
+            weights = SliceWeights(weights, layout)  # type: ignore[arg-type]
+        c = weights.config
         self.layout = layout
         self.max_seq_len = max_seq_len
         held = sorted(set(groups))
@@ -56,19 +98,18 @@ class GroupShard:
         self.caches: dict[int, KVCache] = {}
         self.written: dict[int, int] = {}      # layer -> positions [0, n) hold valid keys
         for (layer, part), idx in self.index.items():
-            p = f"layers.{layer}."
+            parts = [weights.group(GroupId(layer, part, i)) for i in idx]   # type: ignore[union-attr]
+
+            def cat(name: str, axis: int = 0, parts: list[dict[str, np.ndarray]] = parts) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(np.concatenate([w[name] for w in parts], axis=axis)))
+
             if part == ATTN:
-                q = [layout.q_rows(i) for i in idx]
-                kv = [layout.kv_rows(i) for i in idx]
-                self.attention[layer] = AttentionShard(
-                    _rows(source, p + "wq", q), _rows(source, p + "wk", kv), _rows(source, p + "wv", kv),
-                    _cols(source.load(p + "wo"), q), layout.q_per_kv, layout.head_dim)
+                self.attention[layer] = AttentionShard(cat("wq"), cat("wk"), cat("wv"), cat("wo", 1),
+                                                       layout.q_per_kv, layout.head_dim)
                 self.caches[layer] = KVCache(len(idx), max_seq_len, layout.head_dim, torch.float32)
                 self.written[layer] = 0
             else:
-                rows = [layout.mlp_rows(i) for i in idx]
-                self.mlp[layer] = MlpShard(_rows(source, p + "w1", rows), _rows(source, p + "w3", rows),
-                                           _cols(source.load(p + "w2"), rows), layout.mlp_group_size)
+                self.mlp[layer] = MlpShard(cat("w1"), cat("w3"), cat("w2", 1), layout.mlp_group_size)
         self.rope = RopeTables.build(c.head_dim, max_seq_len, c.rope_base, torch.float32)
 
     def groups_at(self, layer: int, part: int) -> list[int]:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.groups import PARTS, GroupLayout
+from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.shard import GroupShard, Trunk, mlp_group_scores
 from halo_p2p.model.source import TensorSource
 from halo_p2p.net.link import LinkConditions
@@ -21,7 +25,7 @@ from halo_p2p.net.memory import memory_link_pair
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
-from halo_p2p.session.worker import Worker
+from halo_p2p.session.worker import ShardFactory, Worker
 
 __all__ = ["EmulatedSwarm", "PeerProfile", "start_emulated_swarm"]
 
@@ -47,7 +51,7 @@ class PeerProfile:
 
 @dataclass(slots=True)
 class EmulatedSwarm:
-    """A running emulated swarm; :attr:`coordinator` is the :class:`Engine` to generate with."""
+    """A running emulated swarm; an :class:`~halo_p2p.engine.protocol.Engine` (its coordinator)."""
 
     coordinator: Coordinator
     workers: list[Worker]
@@ -56,8 +60,23 @@ class EmulatedSwarm:
     plan: PlacementPlan
 
     @property
-    def config(self):
+    def config(self) -> ModelConfig:
         return self.coordinator.config
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.coordinator.max_seq_len
+
+    async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
+        return await self.coordinator.forward(token_ids, start_pos, all_logits=all_logits)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident weight bytes per peer (the coordinator's includes the trunk)."""
+        local = self.coordinator.local.weight_bytes() if self.coordinator.local else 0
+        out = {self.plan.coordinator: self.coordinator.trunk.weight_bytes() + local}
+        for w in self.workers:
+            out[w.peer_id] = w.shard.weight_bytes() if w.shard else 0
+        return out
 
     async def aclose(self) -> None:
         await self.coordinator.aclose()
@@ -101,14 +120,15 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
     else:
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
 
-    def factory(lay: GroupLayout, groups: list, max_seq_len: int) -> GroupShard:
-        return GroupShard(source, lay, groups, max_seq_len=max_seq_len)
+    def open_model(sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
+        lay = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
+        return lay, lambda groups, max_seq_len: GroupShard(source, lay, groups, max_seq_len=max_seq_len)
 
     links, workers, tasks = {}, [], []
     for i, (profile, thread) in enumerate(zip(peers[1:], threads[1:], strict=True), start=1):
         a, b = memory_link_pair(names[0], profile.name, a_to_b=profile.link, b_to_a=profile.link, seed=seed + i)
         links[profile.name] = a
-        worker = Worker(profile.name, b, layout, factory, thread)
+        worker = Worker(profile.name, b, open_model, thread)
         workers.append(worker)
         tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
     coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread, links=links, plan=plan,

@@ -268,6 +268,7 @@ class Coordinator:
 
     async def _send_resend(self, peer: str, sp: SyncPoint, groups: list[int]) -> None:
         sp.record.resends += 1
+        sp.retried.add(peer)
         msg = Resend(session=self.session, step=sp.step, layer=sp.layer, part=sp.part, groups=tuple(groups))  # type: ignore[arg-type]
         await self.links[peer].send(Channel.UNRELIABLE, codec.encode(msg))
 
@@ -295,6 +296,9 @@ class Coordinator:
             if isinstance(msg, Partial):
                 self._on_partial(peer, msg, loop.time())
             elif isinstance(msg, NeedInput):
+                sp = self._recent.get((msg.step, msg.layer, msg.part))
+                if sp is not None:
+                    sp.retried.add(peer)
                 frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), [])
                 for f in frames:
                     await link.send(self._channel, f)
@@ -328,7 +332,7 @@ class Coordinator:
             return
         if sp.closed:
             self.counters["late"] += 1
-        if not was_done and peer in sp.done_at_s and sp.n_tokens == 1:
+        if not was_done and peer in sp.done_at_s and sp.n_tokens == 1 and peer not in sp.retried:
             self._timers[(peer, sp.part)].observe(sp.done_at_s[peer] - sp.sent_at_s)
         if new:
             self._changed.set()

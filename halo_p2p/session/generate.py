@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from halo_p2p.engine.protocol import Engine
-from halo_p2p.errors import ContextOverflow
+from halo_p2p.errors import ConfigError, ContextOverflow
 from halo_p2p.model.tokenizer import StreamDecoder, Tokenizer
 from halo_p2p.sampling import Sampler, SamplingParams
 
@@ -99,8 +99,8 @@ class Generator:
         """
         limit = self.engine.max_seq_len
         if not prompt_ids:
-            raise ContextOverflow("the prompt is empty and the model adds no BOS token",
-                                  "give a non-empty --prompt")
+            raise ConfigError("the prompt is empty and the model adds no BOS token",
+                              "give a non-empty --prompt")
         if len(prompt_ids) >= limit:
             raise ContextOverflow(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {limit}",
@@ -153,24 +153,29 @@ class PerplexityResult:
         return math.exp(self.mean_nll)
 
 
-async def perplexity(engine: Engine, ids: Sequence[int], *, window: int | None = None) -> PerplexityResult:
+async def perplexity(engine: Engine, ids: Sequence[int], *, window: int | None = None,
+                     chunk_tokens: int = _PREFILL_CHUNK) -> PerplexityResult:
     """Mean NLL of each id given the ids before it (teacher forcing).
 
     The text is cut into non-overlapping windows of ``window`` ids (default: the engine's
     context); the first id of each window is context only, so ``tokens = len(ids) - n_windows``.
+    Each forward pass takes ``chunk_tokens`` ids; 1 scores the text exactly as decoding would
+    run it (on a split model in ``halo`` mode, relaxed synchronization then applies to every id).
 
     Raises:
         ContextOverflow: fewer than two ids to score.
     """
     window = min(window or engine.max_seq_len, engine.max_seq_len)
+    if chunk_tokens < 1:
+        raise ConfigError(f"chunk of {chunk_tokens} tokens", "use 1 or more tokens per forward pass")
     if len(ids) < 2:
         raise ContextOverflow(f"the text has {len(ids)} token(s); perplexity needs at least 2",
                               "use a longer text file")
     total, count = 0.0, 0
     for w0 in range(0, len(ids), window):
         chunk = list(ids[w0:w0 + window])
-        for c0 in range(0, len(chunk) - 1, _PREFILL_CHUNK):
-            part = chunk[c0:c0 + _PREFILL_CHUNK]
+        for c0 in range(0, len(chunk) - 1, chunk_tokens):
+            part = chunk[c0:c0 + chunk_tokens]
             targets = np.asarray(chunk[c0 + 1:c0 + 1 + len(part)], dtype=np.int64)
             logits = (await engine.forward(part, c0, all_logits=True))[: len(targets)].astype(np.float64)
             logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)

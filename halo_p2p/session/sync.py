@@ -37,6 +37,9 @@ class ResponseTimer:
 
     ALPHA, BETA = 1 / 8, 1 / 4   # RFC 6298 gains
 
+    # Karn's algorithm (RFC 6298 section 3): responses that needed a Resend or a repeated input
+    # are not sampled, or recovery delays would inflate the deadline.
+
     def __init__(self, *, initial_s: float = 0.5, k: float = 4.0, floor_s: float = 0.002,
                  warmup: int = 3) -> None:
         self.initial_s, self.k, self.floor_s, self.warmup = initial_s, k, floor_s, warmup
@@ -141,6 +144,7 @@ class SyncPoint:
         self.sent_at_s = sent_at_s
         self.parts = {g: Reassembly(n_tokens * dim, dtype) for g in self.owners}
         self.done_at_s: dict[str, float] = {}          # peer -> time its last group completed
+        self.retried: set[str] = set()                 # peers asked to resend (Karn: no timing sample)
         self.record = SyncRecord(layer, part, critical=len(self.critical))
         self.closed = False
 

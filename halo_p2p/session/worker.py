@@ -15,8 +15,9 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,12 +41,17 @@ from halo_p2p.wire.messages import (
     Reset,
 )
 
-__all__ = ["ShardFactory", "Worker"]
+__all__ = ["ModelOpener", "ShardFactory", "Worker"]
 
 log = logging.getLogger(__name__)
 
-ShardFactory = Callable[[GroupLayout, list[GroupId], int], GroupCompute]
-"""Builds a peer's shard from (layout, its groups, max_seq_len); runs on the compute thread."""
+ShardFactory = Callable[[list[GroupId], int], GroupCompute]
+"""Builds a peer's shard from (its groups, max_seq_len); runs on the compute thread."""
+
+ModelOpener = Callable[[str, Mapping[str, Any]], tuple[GroupLayout, ShardFactory]]
+"""Opens the model a :class:`Plan` names (by sha256; the plan body carries the group layout):
+returns its layout and a shard factory, or raises :class:`~halo_p2p.errors.HaloError` (the
+worker replies :class:`ErrorReply`). Runs on the compute thread."""
 
 _KEEP_RESULTS = 8
 
@@ -67,15 +73,14 @@ class Worker:
     Args:
         peer_id: this peer's id (as named in plans).
         link: the link to the coordinator.
-        layout: the model's group layout (from this peer's own copy of the model).
-        shard_factory: builds the shard for the groups a plan assigns to this peer.
-        compute: this peer's compute thread.
+        open_model: resolves the model of a plan to its layout and a shard factory.
+        compute: this peer's compute thread (shared by all sessions the peer serves).
     """
 
-    def __init__(self, peer_id: str, link: Link, layout: GroupLayout, shard_factory: ShardFactory,
-                 compute: ComputeThread) -> None:
-        self.peer_id, self.link, self.layout = peer_id, link, layout
-        self.shard_factory, self.compute = shard_factory, compute
+    def __init__(self, peer_id: str, link: Link, open_model: ModelOpener, compute: ComputeThread) -> None:
+        self.peer_id, self.link = peer_id, link
+        self.open_model, self.compute = open_model, compute
+        self.layout: GroupLayout | None = None
         self.shard: GroupCompute | None = None
         self.session = -1
         self.mode = "halo"
@@ -123,10 +128,12 @@ class Worker:
         t0 = time.perf_counter()
         try:
             body = msg.plan
-            plan = PlacementPlan.from_dict(body["placement"], self.layout)
+            layout, factory = await self.compute.run(self.open_model, msg.model_sha256, body)
+            plan = PlacementPlan.from_dict(body["placement"], layout)
             max_seq_len = int(body["max_seq_len"])
             groups = plan.groups_of(self.peer_id)
-            self.shard = await self.compute.run(self.shard_factory, self.layout, groups, max_seq_len)
+            self.shard = await self.compute.run(factory, groups, max_seq_len)
+            self.layout = layout
         except (HaloError, KeyError, TypeError, ValueError) as exc:
             self.counters["bad_plan"] += 1
             log.warning("%s: refusing plan: %s", self.peer_id, exc)
@@ -163,6 +170,7 @@ class Worker:
             self._queue.put_nowait(key)
 
     def _assemble(self, key: tuple[int, int, int], inp: _Input) -> np.ndarray | None:
+        assert self.layout is not None
         total = inp.n_tokens * self.layout.dim
         lengths = [b - a for a, b in split_ranges(total, inp.n_data)]
         try:

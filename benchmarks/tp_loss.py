@@ -1,0 +1,129 @@
+"""Issue #3 benchmark: strict vs halo synchronization over emulated lossy links.
+
+One coordinator + 3 workers in this process (in-memory links, one-way delay 2 ms); one worker's
+link at PLR 0/1/5/10 %. For each PLR and mode: TPOT of greedy decoding, greedy-token agreement
+with a single peer, and (halo) perplexity of held-out text scored token by token (so relaxed
+synchronization applies to every scored token). A lost packet on the reliable channel used by
+strict costs an RTO (200 ms, doubling), as in SCTP/TCP.
+
+    python benchmarks/tp_loss.py --model smollm2-135m-instruct [--quick] [--out results/tp_loss.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.heldout import heldout_text
+from halo_p2p.engine.local import LocalEngine
+from halo_p2p.model.chat import Message
+from halo_p2p.model.loader import open_model
+from halo_p2p.net.link import LinkConditions
+from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.sampling import SamplingParams
+from halo_p2p.session.coordinator import SessionOptions
+from halo_p2p.session.generate import Generator, perplexity
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+async def decode(engine, tokenizer, ids, n):
+    gen = Generator(engine, tokenizer)
+    tokens = [e.token_id async for e in gen.stream(ids, SamplingParams(temperature=0, max_tokens=n))]
+    return tokens, gen.stats
+
+
+async def run(args) -> dict:
+    model = open_model(args.model)
+    tok = model.tokenizer
+    if model.chat_template:
+        ids = tok.encode(model.chat_template.render([Message("user", PROMPT)]))
+    else:
+        ids = tok.encode("Once upon a time")
+    text_ids = tok.encode(heldout_text())[: args.ppl_tokens]
+    local = LocalEngine(model.source, max_seq_len=1024)
+    base_tokens, base_stats = await decode(local, tok, ids, args.tokens)
+    base_ppl = await perplexity(local, text_ids)
+    await local.aclose()
+    out = {"model": model.name, "prompt": PROMPT, "tokens": args.tokens, "ppl_tokens": len(text_ids) - 1,
+           "delay_ms": args.delay_ms, "rto_ms": args.rto_ms, "local": {
+               "tpot_ms": base_stats.tpot_ms, "perplexity": base_ppl.perplexity}, "runs": []}
+    print(f"local: TPOT {base_stats.tpot_ms:.1f} ms, perplexity {base_ppl.perplexity:.4f}", file=sys.stderr)
+    for plr in args.plrs:
+        for mode in args.modes:
+            link = LinkConditions(delay_s=args.delay_ms / 1000, rto_s=args.rto_ms / 1000)
+            lossy = LinkConditions(plr=plr, delay_s=args.delay_ms / 1000, rto_s=args.rto_ms / 1000)
+            peers = [PeerProfile(name="c"), PeerProfile(name="w1", link=link), PeerProfile(name="w2", link=link),
+                     PeerProfile(name="w3", link=lossy)]
+            options = SessionOptions(mode=mode, wire_dtype="float16", max_seq_len=1024)
+            swarm = await start_emulated_swarm(model.source, peers, options, critical_fraction=args.critical_fraction,
+                                               seed=args.seed)
+            t0 = time.perf_counter()
+            try:
+                tokens, stats = await decode(swarm, tok, ids, args.tokens)
+                records = swarm.coordinator.records[1:]
+                ppl = None
+                if mode == "halo" and args.ppl_tokens:
+                    ppl = (await perplexity(swarm, text_ids, chunk_tokens=1)).perplexity
+            finally:
+                await swarm.aclose()
+            agree = sum(a == b for a, b in zip(tokens, base_tokens, strict=False)) / max(1, len(base_tokens))
+            waits = [r.wait_s * 1000 for r in records]
+            row = {"plr": plr, "mode": mode, "tpot_ms": stats.tpot_ms, "tpot_p95_ms": stats.tpot_p95_ms,
+                   "token_agreement": agree, "perplexity": ppl,
+                   "mean_wait_ms": statistics.mean(waits) if waits else None,
+                   "mean_skipped_groups": statistics.mean(r.skipped for r in records) if records else None,
+                   "resends_per_token": statistics.mean(sum(s.resends for s in r.syncs) for r in records)
+                   if records else None, "wall_s": time.perf_counter() - t0}
+            out["runs"].append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return out
+
+
+def table(res: dict) -> str:
+    rows = ["| PLR | strict TPOT (ms) | halo TPOT (ms) | speedup | halo skipped groups/token | "
+            "halo token agreement | halo perplexity (Δ vs PLR 0) |", "|---|---|---|---|---|---|---|"]
+    by = {(r["plr"], r["mode"]): r for r in res["runs"]}
+    base = by.get((0.0, "halo"), {}).get("perplexity")
+    for plr in sorted({r["plr"] for r in res["runs"]}):
+        s, h = by.get((plr, "strict")), by.get((plr, "halo"))
+        if not h:
+            continue
+        speed = f"{s['tpot_ms'] / h['tpot_ms']:.2f}x" if s else "-"
+        ppl = h["perplexity"]
+        dppl = f"{ppl:.3f} ({100 * (ppl / base - 1):+.2f} %)" if ppl and base else "-"
+        rows.append(f"| {100 * plr:g} % | {s['tpot_ms']:.1f} | {h['tpot_ms']:.1f} | {speed} | "
+                    f"{h['mean_skipped_groups']:.2f} | {100 * h['token_agreement']:.0f} % | {dppl} |"
+                    if s else f"| {100 * plr:g} % | - | {h['tpot_ms']:.1f} | - | {h['mean_skipped_groups']:.2f} | "
+                    f"{100 * h['token_agreement']:.0f} % | {dppl} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--plrs", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.01, 0.05, 0.1])
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["strict", "halo"])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--ppl-tokens", type=int, default=200)
+    p.add_argument("--delay-ms", type=float, default=2.0)
+    p.add_argument("--rto-ms", type=float, default=200.0)
+    p.add_argument("--critical-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/tp_loss.json"))
+    args = p.parse_args()
+    res = asyncio.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
