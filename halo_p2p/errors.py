@@ -15,24 +15,32 @@ Every error names the problem and, where one exists, the fix, so that the CLI ca
     ├── ContextOverflow        prompt plus generation longer than the context
     ├── PullError              downloading or verifying a model failed
     ├── PlanError              a placement plan misses, repeats or misnames groups
+    ├── DiscoveryError         a peer id used twice, a bad mDNS record, too few peers found
     ├── WireError              malformed or incompatible message
     │   ├── DecodeError        bytes that are not a valid frame
     │   └── VersionMismatch    a frame of a wire version we do not speak
-    └── TransportError         link closed or timed out
-        └── LinkClosed         sending on a closed link, or receiving once it is drained
+    ├── TransportError         link closed or timed out
+    │   ├── LinkClosed         sending on a closed link, or receiving once it is drained
+    │   ├── AuthError          a signaling peer without the swarm key, or a replayed offer
+    │   └── PeerLost           a worker vanished mid-session
+    └── NetnsError             creating or tearing down an emulated LAN (network namespaces) failed
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "ConfigError",
     "ContextOverflow",
     "DecodeError",
+    "DiscoveryError",
     "HaloError",
     "LinkClosed",
     "ModelError",
     "ModelFormatError",
     "ModelNotFound",
+    "NetnsError",
+    "PeerLost",
     "PlanError",
     "PullError",
     "TokenizerError",
@@ -96,6 +104,11 @@ class PlanError(HaloError):
     """A placement plan is invalid (missing, repeated or unknown groups or peers)."""
 
 
+class DiscoveryError(HaloError):
+    """Finding peers failed: our peer id is used by another device, a peer's record is malformed,
+    or fewer peers than needed were found in time."""
+
+
 class WireError(HaloError):
     """A message is malformed, of an unknown kind, or of an incompatible version."""
 
@@ -122,5 +135,29 @@ class TransportError(HaloError):
     """A link is closed or a network wait timed out."""
 
 
+class PeerLost(TransportError):
+    """A worker vanished during a session (its link closed); the coordinator re-plans.
+
+    Attributes:
+        peers: ids of the lost peers.
+    """
+
+    def __init__(self, peers: list[str]) -> None:
+        super().__init__(f"lost peer(s) {', '.join(peers)} during the session",
+                         "the coordinator re-plans without them")
+        self.peers = peers
+
+
 class LinkClosed(TransportError):
     """The link is closed: a send on it, or a receive once every delivered message was read."""
+
+
+class NetnsError(HaloError):
+    """An emulated LAN cannot be set up or torn down: a namespace, link, nft or shim command failed.
+
+    The problem names the failing command and its stderr.
+    """
+
+
+class AuthError(TransportError):
+    """Signaling failed authentication: a bad MAC, a replayed message, or a peer refused our key."""

@@ -165,3 +165,29 @@ async def test_malformed_partials_are_dropped_and_counted(stories) -> None:
     assert counters["malformed"] > 0
     assert tokens == want                                       # nothing malformed was summed
     np.testing.assert_allclose(logits, want_logits, atol=5e-2)  # float16 wire
+
+
+@pytest.mark.parametrize("mode", ["strict", "halo"])
+async def test_lost_worker_is_replanned_without_hanging(stories, mode) -> None:
+    source, tok = stories
+    local = LocalEngine(source, max_seq_len=512)
+    want, _ = await _generate(local, tok, "Once upon a time", SamplingParams(temperature=0, max_tokens=30))
+    await local.aclose()
+    peers = _profiles([1, 1, 1], link=LinkConditions(delay_s=0.001))
+    swarm = await start_emulated_swarm(source, peers, SessionOptions(mode=mode, wire_dtype="float32", max_seq_len=512),
+                                       critical="all")
+    gen = Generator(swarm, tok)
+    tokens = []
+    try:
+        async with asyncio.timeout(60):
+            async for event in gen.stream(tok.encode("Once upon a time"), SamplingParams(temperature=0, max_tokens=30)):
+                tokens.append(event.token_id)
+                if len(tokens) == 10:
+                    await swarm.links["p2"].aclose()       # worker p2 vanishes mid-generation
+        replans, plan = swarm.engine.replans, swarm.plan
+    finally:
+        await swarm.aclose()
+    assert len(tokens) == 30
+    assert replans == 1 and "p2" not in plan.peers
+    if mode == "strict":
+        assert tokens == want      # re-planned and replayed exactly

@@ -20,11 +20,12 @@ from halo_p2p.groups import PARTS, GroupLayout
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.shard import GroupShard, Trunk, mlp_group_scores
 from halo_p2p.model.source import TensorSource
-from halo_p2p.net.link import LinkConditions
+from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.net.memory import memory_link_pair
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
+from halo_p2p.session.replan import ReplanningEngine
 from halo_p2p.session.worker import ShardFactory, Worker
 
 __all__ = ["EmulatedSwarm", "PeerProfile", "start_emulated_swarm"]
@@ -51,36 +52,46 @@ class PeerProfile:
 
 @dataclass(slots=True)
 class EmulatedSwarm:
-    """A running emulated swarm; an :class:`~halo_p2p.engine.protocol.Engine` (its coordinator)."""
+    """A running emulated swarm; an :class:`~halo_p2p.engine.protocol.Engine` that re-plans when
+    a worker is lost (see :class:`~halo_p2p.session.replan.ReplanningEngine`)."""
 
-    coordinator: Coordinator
+    engine: ReplanningEngine
     workers: list[Worker]
     threads: list[ComputeThread]
     tasks: list[asyncio.Task[None]]
-    plan: PlacementPlan
+    links: dict[str, Link]
+
+    @property
+    def coordinator(self) -> Coordinator:
+        assert self.engine.coordinator is not None
+        return self.engine.coordinator
+
+    @property
+    def plan(self) -> PlacementPlan:
+        return self.coordinator.plan
 
     @property
     def config(self) -> ModelConfig:
-        return self.coordinator.config
+        return self.engine.config
 
     @property
     def max_seq_len(self) -> int:
-        return self.coordinator.max_seq_len
+        return self.engine.max_seq_len
 
     async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
-        return await self.coordinator.forward(token_ids, start_pos, all_logits=all_logits)
+        return await self.engine.forward(token_ids, start_pos, all_logits=all_logits)
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes per peer (the coordinator's includes the trunk)."""
-        local = self.coordinator.local.weight_bytes() if self.coordinator.local else 0
-        out = {self.plan.coordinator: self.coordinator.trunk.weight_bytes() + local}
+        c = self.coordinator
+        out = {c.plan.coordinator: c.trunk.weight_bytes() + (c.local.weight_bytes() if c.local else 0)}
         for w in self.workers:
             out[w.peer_id] = w.shard.weight_bytes() if w.shard else 0
         return out
 
     async def aclose(self) -> None:
-        await self.coordinator.aclose()
-        for link in self.coordinator.links.values():
+        await self.engine.aclose()
+        for link in self.links.values():
             await link.aclose()
         for task in self.tasks:
             task.cancel()
@@ -105,14 +116,10 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
     """
     layout = GroupLayout.from_config(source.config, mlp_group_size)
     names = [p.name for p in peers]
-    plan = PlacementPlan.split(layout, names, coordinator=names[0], shares=[p.share for p in peers])
+    shares = {p.name: p.share for p in peers}
     threads = [ComputeThread(f"halo-{p.name}", slowdown=p.slowdown) for p in peers]
     coordinator_thread = threads[0]
     trunk = await coordinator_thread.run(Trunk, source)
-    own = plan.groups_of(names[0])
-    local = None
-    if own:
-        local = await coordinator_thread.run(GroupShard, source, layout, own, max_seq_len=options.max_seq_len)
     criticality: CriticalityPolicy
     if critical == "static":
         scores = await coordinator_thread.run(mlp_group_scores, source, layout)
@@ -124,18 +131,31 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
         lay = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
         return lay, lambda groups, max_seq_len: GroupShard(source, lay, groups, max_seq_len=max_seq_len)
 
-    links, workers, tasks = {}, [], []
+    links: dict[str, Link] = {}
+    workers, tasks = [], []
     for i, (profile, thread) in enumerate(zip(peers[1:], threads[1:], strict=True), start=1):
         a, b = memory_link_pair(names[0], profile.name, a_to_b=profile.link, b_to_a=profile.link, seed=seed + i)
         links[profile.name] = a
         worker = Worker(profile.name, b, open_model, thread)
         workers.append(worker)
         tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
-    coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread, links=links, plan=plan,
-                              options=options, criticality=criticality)
-    swarm = EmulatedSwarm(coordinator, workers, threads, tasks, plan)
-    try:
+
+    async def factory(lost: frozenset[str], session: int) -> Coordinator:
+        alive = [n for n in names if n not in lost]
+        plan = PlacementPlan.split(layout, alive, coordinator=names[0], shares=[shares[n] for n in alive])
+        own = plan.groups_of(names[0])
+        local = None
+        if own:
+            local = await coordinator_thread.run(GroupShard, source, layout, own, max_seq_len=options.max_seq_len)
+        coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread,
+                                  links={n: links[n] for n in alive[1:]}, plan=plan, options=options,
+                                  criticality=criticality, session=session)
         await coordinator.start()
+        return coordinator
+
+    swarm = EmulatedSwarm(ReplanningEngine(factory), workers, threads, tasks, links)
+    try:
+        await swarm.engine.start()
     except BaseException:
         await swarm.aclose()
         raise

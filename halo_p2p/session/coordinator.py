@@ -28,7 +28,7 @@ import numpy as np
 
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.protocol import GroupCompute, TrunkCompute
-from halo_p2p.errors import HaloError, LinkClosed, TransportError, WireError
+from halo_p2p.errors import HaloError, LinkClosed, PeerLost, TransportError, WireError
 from halo_p2p.groups import PARTS
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
@@ -120,6 +120,7 @@ class Coordinator:
         self._ready: dict[str, asyncio.Future[PlanReady]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.step = 0
+        self.dead: set[str] = set()              # workers whose link closed during the session
         self.records: list[StepRecord] = []
         self.counters: Counter[str] = Counter()   # dropped/malformed/late/stale messages, for status
 
@@ -160,7 +161,7 @@ class Coordinator:
     async def reset(self) -> None:
         """Tell workers to forget their KV caches (a new conversation)."""
         for peer in self.plan.workers():
-            await self.links[peer].send(Channel.RELIABLE, codec.encode(Reset(session=self.session)))
+            await self._send(peer, Channel.RELIABLE, codec.encode(Reset(session=self.session)))
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -232,7 +233,7 @@ class Coordinator:
                 offset=offsets[k] if k < n_data else 0, data=data)))
         self._inputs[(peer, *sp.key)] = frames
         for frame in frames:
-            await self.links[peer].send(self._channel, frame)
+            await self._send(peer, self._channel, frame)
 
     async def _wait(self, sp: SyncPoint) -> None:
         loop = asyncio.get_running_loop()
@@ -241,15 +242,19 @@ class Coordinator:
         last_progress = loop.time()
         while not sp.all_complete:
             now = loop.time()
-            if self.options.mode == "halo" and sp.critical_complete:
-                pending = sp.pending_peers()
+            lost = sp.pending_peers() & self.dead
+            if lost and self.options.mode == "strict":
+                raise PeerLost(sorted(lost))
+            missing_critical = {p: g for p, g in sp.missing_critical().items() if p not in self.dead}
+            if self.options.mode == "halo" and not missing_critical:
+                pending = sp.pending_peers() - self.dead
                 if all(now >= deadlines[p] for p in pending):
                     return
                 wake = min(deadlines[p] for p in pending if now < deadlines[p])
             else:
                 wake = now + self.options.stall_timeout_s
                 if self.options.mode == "halo":
-                    for peer, groups in sp.missing_critical().items():
+                    for peer, groups in missing_critical.items():
                         if now >= next_resend[peer]:
                             await self._send_resend(peer, sp, groups)
                             srtt = self._timers[(peer, sp.part)].srtt or 0.0
@@ -270,7 +275,18 @@ class Coordinator:
         sp.record.resends += 1
         sp.retried.add(peer)
         msg = Resend(session=self.session, step=sp.step, layer=sp.layer, part=sp.part, groups=tuple(groups))  # type: ignore[arg-type]
-        await self.links[peer].send(Channel.UNRELIABLE, codec.encode(msg))
+        await self._send(peer, Channel.UNRELIABLE, codec.encode(msg))
+
+    async def _send(self, peer: str, channel: Channel, frame: bytes) -> None:
+        """Send to a worker; a closed link marks it dead instead of failing the token."""
+        if peer in self.dead:
+            return
+        try:
+            await self.links[peer].send(channel, frame)
+        except LinkClosed:
+            log.warning("link to %s closed: its groups count as missing", peer)
+            self.dead.add(peer)
+            self._changed.set()
 
     def _remember(self, sp: SyncPoint) -> None:
         self._recent[sp.key] = sp
@@ -285,7 +301,12 @@ class Coordinator:
             try:
                 _, frame = await link.recv()
             except LinkClosed:
-                log.info("link to %s closed", peer)
+                log.warning("link to %s closed: its groups count as missing", peer)
+                self.dead.add(peer)
+                self._changed.set()
+                fut = self._ready.get(peer)
+                if fut is not None and not fut.done():
+                    fut.set_exception(PeerLost([peer]))
                 return
             try:
                 msg = codec.decode(frame)
@@ -301,7 +322,7 @@ class Coordinator:
                     sp.retried.add(peer)
                 frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), [])
                 for f in frames:
-                    await link.send(self._channel, f)
+                    await self._send(peer, self._channel, f)
             elif isinstance(msg, PlanReady):
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():
