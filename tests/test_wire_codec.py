@@ -38,6 +38,7 @@ from halo_p2p.wire import (
     encode,
     max_payload_elems,
 )
+from halo_p2p.wire.messages import SignalAnswer, SignalOffer, SignalRefused
 
 R = dataclasses.replace
 GOLDEN = Path(__file__).parent / "data" / "wire"
@@ -60,6 +61,12 @@ EXAMPLES: dict[type, Message] = {
     ErrorReply: ErrorReply(code="version_mismatch", message="peer speaks wire version 2"),
     Heartbeat: Heartbeat(seq=42, sent_s=1234.5),
     HeartbeatAck: HeartbeatAck(seq=42, sent_s=1234.5),
+    SignalOffer: SignalOffer(peer_id="p-a", name="laptop", protocol=1, nonce="0123456789abcdef" * 2,
+                             sent_s=1767225600.25, sdp="v=0\r\n", mac="ab" * 32),
+    SignalAnswer: SignalAnswer(peer_id="p-b", name="desk", protocol=1, nonce="fedcba9876543210" * 2,
+                               offer_nonce="0123456789abcdef" * 2, sent_s=1767225600.5, sdp="v=0\r\n",
+                               mac="cd" * 32),
+    SignalRefused: SignalRefused(code="auth", reason="bad MAC"),
 }
 
 
@@ -193,6 +200,13 @@ def random_message(rng: np.random.Generator) -> Message:
         return Bye(reason=str(s))
     if cls is ErrorReply:
         return ErrorReply(code=str(s), message=str(s) * 2)
+    if cls in (SignalOffer, SignalAnswer):
+        hexes = ["".join(rng.choice(list("0123456789abcdef"), n)) for n in (32, 32, 64)]
+        extra = {"offer_nonce": hexes[1]} if cls is SignalAnswer else {}
+        return cls(peer_id=str(s), name=str(s), protocol=u(), nonce=hexes[0], sent_s=float(rng.random() * 2e9),
+                   sdp=str(s) * 3, mac=str(rng.choice(["", hexes[2]])), **extra)
+    if cls is SignalRefused:
+        return SignalRefused(code=str(s), reason=str(s))
     return cls(seq=u(), sent_s=float(rng.standard_normal() * 1e6))
 
 
@@ -337,6 +351,10 @@ BAD_FRAMES = {
     "n_parity": (frame(1, 1, 1, 7, 3, 0, 0, 1, 0, 2, 3, 0, cbor2.CBORTag(84, bytes(2))),
                  "n_parity (3) must be <= n_data (2)"),
     "n_data 0": (frame(1, 1, 1, 7, 3, 0, 0, 1, 0, 0, 0, 0, cbor2.CBORTag(84, bytes(2))), "n_data (0)"),
+    "signal nonce": (frame(1, 21, "a", "b", 1, "XYZ", 1.0, "v=0", ""), "nonce must be 16 to 64 lowercase hex"),
+    "signal mac": (frame(1, 21, "a", "b", 1, "0" * 32, 1.0, "v=0", "ab"), "mac must be empty or 64 lowercase"),
+    "answer offer_nonce": (frame(1, 22, "a", "b", 1, "0" * 32, "nope", 1.0, "v=0", ""),
+                           "nonce must be 16 to 64 lowercase hex digits, got 'nope'"),
     "parity offset": (frame(1, 1, 1, 7, 3, 0, 0, 1, 2, 2, 1, 8, cbor2.CBORTag(69, bytes(2))),
                       "parity chunk 2 must have offset 0, got 8"),
 }

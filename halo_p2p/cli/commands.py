@@ -36,9 +36,12 @@ err = Console(stderr=True)
 
 async def run(args: argparse.Namespace) -> int:
     """Dispatch ``args.command``; returns the exit status."""
+    from halo_p2p.cli import peers
+
     handler = {
         "models": cmd_models, "pull": cmd_pull, "generate": cmd_generate,
         "perplexity": cmd_perplexity, "chat": cmd_chat, "bench": cmd_bench,
+        "init": peers.cmd_init, "join": peers.cmd_join, "peers": peers.cmd_peers,
     }[args.command]
     return await handler(args)
 
@@ -92,6 +95,12 @@ async def make_engine(args: argparse.Namespace, model: LoadedModel) -> Engine:
         raise ConfigError(f"--ctx {args.ctx} is too small", "use at least 2 tokens")
     if getattr(args, "emulate_peers", 0):
         return await emulated_engine(args, model)
+    if hasattr(args, "local"):
+        from halo_p2p.cli.peers import swarm_engine
+
+        engine = await swarm_engine(args, model)
+        if engine is not None:
+            return engine
     return await asyncio.to_thread(LocalEngine, model.source, max_seq_len=args.ctx, dtype=args.dtype)
 
 
@@ -124,13 +133,17 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
 
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
     """The per-token synchronization figures of an emulated split model (empty otherwise)."""
-    if not isinstance(engine, EmulatedSwarm):
+    coordinator = getattr(engine, "coordinator", None)
+    if coordinator is None:
         return {}
-    records = [r.as_dict() for r in engine.coordinator.records]
+    records = [r.as_dict() for r in coordinator.records]
     decode = records[1:] or records
+    emulated = isinstance(engine, EmulatedSwarm)
     return {"split": {
-        "peers": args.emulate_peers, "sync": args.sync, "plr": args.plr, "delay_ms": args.delay_ms,
-        "weight_bytes": engine.weight_bytes(), "counters": dict(engine.coordinator.counters),
+        "peers": len(coordinator.plan.peers), "sync": args.sync, "emulated": emulated,
+        "plr": args.plr if emulated else None, "delay_ms": args.delay_ms if emulated else None,
+        "peer_ids": list(coordinator.plan.peers),
+        "weight_bytes": engine.weight_bytes() if emulated else None, "counters": dict(coordinator.counters),
         "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
         "mean_skipped_groups": sum(r["skipped_groups"] for r in decode) / len(decode),
         "per_token": records,

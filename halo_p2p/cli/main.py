@@ -56,6 +56,23 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--link-seed", type=int, default=0, help="seed of the emulated losses (default 0)")
 
 
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("swarm")
+    g.add_argument("--swarm-key", default=None, help="swarm key (default: $HALO_SWARM_KEY, then the key file of init)")
+    g.add_argument("--interface", default=None, help="network interface to use (default: the first private LAN one)")
+    g.add_argument("--address", default=None, help="IPv4 address to use (overrides --interface)")
+    g.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a peer to dial when multicast does not work (repeatable)")
+
+
+def _swarm_args(p: argparse.ArgumentParser) -> None:
+    add_network_args(p)
+    p.add_argument("--local", action="store_true", help="run on this peer only, even if a swarm is around")
+    p.add_argument("--wait-peers", type=float, default=3.0, metavar="S",
+                   help="seconds to wait for peers holding the model (default 3)")
+    p.add_argument("--max-peers", type=int, default=None, help="use at most this many workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``halo-peer`` parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -77,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _sampling_args(p, temperature=0.8)
     _split_args(p)
+    _swarm_args(p)
 
     p = sub.add_parser("perplexity", help="teacher-forced perplexity of a text file")
     _model_args(p, "stories260K")
@@ -91,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system prompt (default: the model's)")
     _sampling_args(p, temperature=0.7)
+    _split_args(p)
+    _swarm_args(p)
+
+    p = sub.add_parser("init", help="create the swarm key (copy it to every device)")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+
+    p = sub.add_parser("join", help="join the swarm: be discoverable and compute for coordinators")
+    p.add_argument("--model", action="append", default=[], help="model to offer (repeatable; default: all local)")
+    p.add_argument("--name", default=None, help="display name (default: the peer id)")
+    p.add_argument("--peer-id", default=None, help="peer id (default: kept in ~/.config/halo-p2p/peer-id)")
+    p.add_argument("--port", type=int, default=0, help="signaling TCP port (default: any free port)")
+    p.add_argument("--profile", default=None, help="device profile, e.g. rpi4 or peers/rpi4.toml")
+    p.add_argument("--no-ui", action="store_true", help="no live view (for services and scripts)")
+    add_network_args(p)
+
+    p = sub.add_parser("peers", help="list the peers on the LAN")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to listen (default 2)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--peer-id", default=None, help=argparse.SUPPRESS)
+    add_network_args(p)
 
     p = sub.add_parser("bench", help="measure prefill speed, decode TPOT and peak memory")
     _model_args(p, "stories260K")

@@ -28,7 +28,7 @@ import numpy as np
 
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.protocol import GroupCompute, TrunkCompute
-from halo_p2p.errors import HaloError, LinkClosed, PeerLost, TransportError, WireError
+from halo_p2p.errors import LinkClosed, PeerLost, TransportError, WireError
 from halo_p2p.groups import PARTS
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
@@ -136,7 +136,8 @@ class Coordinator:
         """Send the plan to the workers and wait until they loaded their groups.
 
         Raises:
-            TransportError: a worker did not answer within ``setup_timeout_s`` or refused.
+            PeerLost: a worker refused the plan (e.g. it does not hold the model) or vanished.
+            TransportError: workers did not answer within ``setup_timeout_s``.
         """
         loop = asyncio.get_running_loop()
         for peer, link in self.links.items():
@@ -151,7 +152,7 @@ class Coordinator:
         try:
             async with asyncio.timeout(self.options.setup_timeout_s):
                 for peer, fut in self._ready.items():
-                    ready = await fut
+                    ready = await fut    # PeerLost if it refused the plan or its link closed
                     log.info("worker %s ready: %.1f MB of weights in %.2f s", peer,
                              ready.weight_bytes / 1e6, ready.load_s)
         except TimeoutError:
@@ -332,7 +333,7 @@ class Coordinator:
                 log.warning("peer %s: %s: %s", peer, msg.code, msg.message)
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():
-                    fut.set_exception(HaloError(f"peer {peer} refused the plan: {msg.message}"))
+                    fut.set_exception(PeerLost([peer]))
             else:
                 self.counters["unexpected"] += 1
 

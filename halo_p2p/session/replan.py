@@ -46,8 +46,18 @@ class ReplanningEngine:
         self._history: list[int] = []    # ids at positions [0, len) as last forwarded
 
     async def start(self) -> None:
-        self.session += 1
-        self.coordinator = await self._factory(frozenset(self.lost), self.session)
+        """Build the first coordinator; workers that refuse the plan are left out (PeerLost)."""
+        while True:
+            self.session += 1
+            try:
+                self.coordinator = await self._factory(frozenset(self.lost), self.session)
+                return
+            except PeerLost as exc:
+                self.replans += 1
+                if self.replans > self.max_replans:
+                    raise
+                log.warning("leaving out %s: %s", ", ".join(exc.peers), exc)
+                self.lost.update(exc.peers)
 
     @property
     def config(self) -> ModelConfig:

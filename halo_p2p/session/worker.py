@@ -155,7 +155,7 @@ class Worker:
             self.counters["stale"] += 1
             return
         if key <= self._latest:
-            self.counters["stale"] += 1
+            self.counters["redundant" if key == self._latest else "stale"] += 1
             return
         inp = self._inputs.get(key)
         if inp is None:

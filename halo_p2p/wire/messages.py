@@ -51,6 +51,9 @@ __all__ = [
     "PlanReady",
     "Resend",
     "Reset",
+    "SignalAnswer",
+    "SignalOffer",
+    "SignalRefused",
     "WireArray",
 ]
 
@@ -373,13 +376,110 @@ class HeartbeatAck(_Base):
     sent_s: float
 
 
+# --- signaling: SDP offer/answer over the TCP signaling endpoint (halo_p2p.net.signaling) -------
+
+
+def _check_signal(nonce: str, mac: str, sent_s: float) -> str | None:
+    if not 16 <= len(nonce) <= 64 or any(c not in "0123456789abcdef" for c in nonce):
+        return f"nonce must be 16 to 64 lowercase hex digits, got {nonce[:80]!r}"
+    if mac and (len(mac) != 64 or any(c not in "0123456789abcdef" for c in mac)):
+        return f"mac must be empty or 64 lowercase hex digits, got {mac[:80]!r}"
+    if sent_s < 0:
+        return f"sent_s must be >= 0, got {sent_s}"
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class SignalOffer(_Base):
+    """Connecting peer -> listening peer, on the signaling TCP stream: an SDP offer.
+
+    ``mac`` is the HMAC-SHA256 (hex) under the swarm key of ``encode(replace(msg, mac=""))``.
+
+    Attributes:
+        peer_id: the offering peer's id.
+        name: the offering peer's human-readable name.
+        protocol: signaling protocol version (``halo_p2p.net.signaling.SIGNALING_PROTOCOL``).
+        nonce: 32 random lowercase hex digits (16 to 64 accepted), used once.
+        sent_s: the sender's wall clock (seconds since the epoch) when it signed the offer.
+        sdp: the SDP offer (RFC 8866), with its candidates and DTLS fingerprint.
+        mac: 64 lowercase hex digits; empty only while signing.
+    """
+
+    KIND: ClassVar[int] = 21
+    RELIABLE: ClassVar[bool] = True
+
+    peer_id: str
+    name: str
+    protocol: int
+    nonce: str
+    sent_s: float
+    sdp: str
+    mac: str
+
+    def check(self) -> str | None:
+        return _check_signal(self.nonce, self.mac, self.sent_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class SignalAnswer(_Base):
+    """Listening peer -> connecting peer, on the signaling TCP stream: the SDP answer.
+
+    Signed like :class:`SignalOffer`. ``offer_nonce`` binds the answer to one offer, so an
+    old answer cannot be replayed to a new offer.
+
+    Attributes:
+        peer_id: the answering peer's id.
+        name: the answering peer's human-readable name.
+        protocol: signaling protocol version.
+        nonce: 32 random lowercase hex digits, used once.
+        offer_nonce: the ``nonce`` of the offer this answers.
+        sent_s: the sender's wall clock (seconds since the epoch) when it signed the answer.
+        sdp: the SDP answer.
+        mac: 64 lowercase hex digits; empty only while signing.
+    """
+
+    KIND: ClassVar[int] = 22
+    RELIABLE: ClassVar[bool] = True
+
+    peer_id: str
+    name: str
+    protocol: int
+    nonce: str
+    offer_nonce: str
+    sent_s: float
+    sdp: str
+    mac: str
+
+    def check(self) -> str | None:
+        return _check_signal(self.nonce, self.mac, self.sent_s) or _check_signal(self.offer_nonce, "", 0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class SignalRefused(_Base):
+    """Listening peer -> connecting peer, on the signaling TCP stream: the offer is refused.
+
+    Not signed (a refusal grants nothing). The stream closes after it.
+
+    Attributes:
+        code: ``"auth"``, ``"replay"``, ``"version"``, ``"oversize"``, ``"bad-frame"``,
+            ``"bad-sdp"`` or ``"busy"``.
+        reason: one human-readable line.
+    """
+
+    KIND: ClassVar[int] = 23
+    RELIABLE: ClassVar[bool] = True
+
+    code: str
+    reason: str
+
+
 Message = (LayerInput | Partial | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
-           | Heartbeat | HeartbeatAck)
+           | Heartbeat | HeartbeatAck | SignalOffer | SignalAnswer | SignalRefused)
 """Every message kind; dispatch with ``match`` and ``assert_never``."""
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     LayerInput, Partial, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
-    HeartbeatAck,
+    HeartbeatAck, SignalOffer, SignalAnswer, SignalRefused,
 )
 """Every message class, in KIND order."""
 

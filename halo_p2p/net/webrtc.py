@@ -1,0 +1,558 @@
+"""The WebRTC link: a :class:`~halo_p2p.net.link.Link` over two aiortc data channels.
+
+The only module that imports :mod:`aiortc` and :mod:`aioice`. One ``RTCPeerConnection`` per
+link carries two negotiated data channels (RFC 8831; no DCEP round trip, RFC 8832 §6 — both
+ends create them with fixed stream ids):
+
+* ``halo-ctl`` (id 0): reliable, ordered — :attr:`Channel.RELIABLE`;
+* ``halo-act`` (id 1): ``ordered=False, maxRetransmits=0`` — :attr:`Channel.UNRELIABLE`.
+
+Rules measured on aiortc 1.16 / aioice 0.13 (``network-facts.md`` §2, §5):
+
+* ``RTCConfiguration(iceServers=[])`` always: the default contacts Google's STUN server.
+* aioice skips 127.0.0.1 when gathering host candidates; :func:`pin_host_addresses` replaces
+  ``aioice.ice.get_host_addresses`` **process-wide** with a fixed list, and a handshake refuses
+  to start before it was called, so no candidate leaks an unintended interface.
+* Each ICE UDP socket's receive buffer is raised to 8 MiB (``SO_RCVBUFFORCE`` as root, else
+  ``SO_RCVBUF``, capped by ``net.core.rmem_max``); the default 212 KB drops bursts on loopback.
+* "Unreliable" is still congestion-controlled and ``bufferedAmount`` is unbounded, so
+  unreliable sends are dropped (and counted) while the channel's backlog exceeds a cap: a stale
+  activation is worse than a lost one. Reliable sends wait for the backlog to drain. aiortc
+  queues the messages of both channels in one FIFO, so a large reliable backlog also delays the
+  unreliable frames (and heartbeats) sent after it.
+
+Heartbeats (``Heartbeat``/``HeartbeatAck`` frames on the unreliable channel, consumed here)
+measure the RTT (smoothed as in RFC 6298, α = 1/8), its jitter (RFC 3550 §6.4.1: the mean
+|difference| of consecutive RTTs, gain 1/16) and the loss rate (heartbeats among the last 50
+not acknowledged within 2 s); a link that hears nothing for ``dead_after_s`` closes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Final
+
+import aioice.ice
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
+
+from halo_p2p.errors import ConfigError, LinkClosed, TransportError, WireError
+from halo_p2p.net.link import MAX_MESSAGE_BYTES, SCTP_FRAGMENT_BYTES, Channel, LinkStats
+from halo_p2p.wire.codec import decode, encode
+from halo_p2p.wire.messages import Heartbeat, HeartbeatAck
+
+__all__ = ["ACT_LABEL", "CTL_LABEL", "Handshake", "WebRtcLink", "pin_host_addresses"]
+
+log = logging.getLogger(__name__)
+
+CTL_LABEL: Final = "halo-ctl"
+ACT_LABEL: Final = "halo-act"
+_RCVBUF_BYTES: Final = 8 << 20
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; not exported by Python
+_HB_WINDOW: Final = 50          # heartbeats the loss estimate looks at
+_HB_ACK_DEADLINE_S: Final = 2.0  # a heartbeat not acknowledged within this counts as lost
+_HB_PREFIXES: Final = (encode(Heartbeat(seq=0, sent_s=0.0))[:3], encode(HeartbeatAck(seq=0, sent_s=0.0))[:3])
+_CLOSED: Final = object()
+
+_pinned: tuple[str, ...] | None = None
+
+
+def pin_host_addresses(addresses: Iterable[str]) -> None:
+    """Make ICE gather host candidates on exactly ``addresses`` (process-wide).
+
+    Replaces ``aioice.ice.get_host_addresses`` for the whole process (every peer connection
+    created afterwards). Call it before the first handshake: with ``["127.0.0.1"]`` on
+    loopback, or the address of the LAN interface (or network namespace) to use.
+
+    Args:
+        addresses: IPv4/IPv6 literals, at least one.
+
+    Raises:
+        ConfigError: empty, or an item is not an IP address.
+    """
+    global _pinned
+    pinned = tuple(addresses)
+    if not pinned:
+        raise ConfigError("no host address to pin", "pass at least one address, e.g. ['127.0.0.1']")
+    for address in pinned:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"host address {address!r} is not an IP address",
+                              "pass IPv4/IPv6 literals such as '192.168.1.20'") from None
+    _pinned = pinned
+    aioice.ice.get_host_addresses = _pinned_host_addresses
+    log.debug("ICE host candidates pinned to %s", ", ".join(pinned))
+
+
+def _pinned_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    return [a for a in _pinned or () if (use_ipv4, use_ipv6)[ipaddress.ip_address(a).version == 6]]
+
+
+def _raise_receive_buffers(pc: RTCPeerConnection) -> None:
+    """Best effort: raise the receive buffer of every ICE UDP socket of ``pc`` to 8 MiB."""
+    try:  # private path, checked on aioice 0.13: RTCDtlsTransport -> RTCIceTransport -> Connection
+        protocols = list(pc.sctp.transport.transport._connection._protocols)  # type: ignore[union-attr]
+    except AttributeError as exc:
+        log.debug("cannot reach the ICE sockets to raise their receive buffers (%s)", exc)
+        return
+    option = _SO_RCVBUFFORCE if os.geteuid() == 0 else socket.SO_RCVBUF
+    for protocol in protocols:
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, _RCVBUF_BYTES)
+        except OSError as exc:
+            log.debug("cannot raise UDP receive buffer: %s", exc)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("closing a peer connection failed: %r", task.exception())
+
+
+def _new_peer_connection() -> RTCPeerConnection:
+    if _pinned is None:
+        raise ConfigError("ICE host addresses are not pinned (aioice would use every interface)",
+                          "call halo_p2p.net.webrtc.pin_host_addresses([...]) with the address to use")
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))  # never the default Google STUN server
+
+
+class Handshake:
+    """One side of a peer connection being set up; becomes a :class:`WebRtcLink` with :meth:`open`.
+
+    Build with :meth:`offer` or :meth:`answer`, exchange :attr:`local_sdp` through signaling
+    (the offerer then calls :meth:`accept_answer`), then :meth:`open`. Messages that arrive
+    before :meth:`open` returns are kept for the link.
+    """
+
+    def __init__(self, pc: RTCPeerConnection) -> None:
+        self._pc = pc
+        self._ctl = pc.createDataChannel(CTL_LABEL, negotiated=True, id=0, ordered=True)
+        self._act = pc.createDataChannel(ACT_LABEL, negotiated=True, id=1, ordered=False, maxRetransmits=0)
+        self._early: list[tuple[Channel, bytes | str]] = []
+        self._ready = asyncio.Event()
+        self._handlers: list[tuple[Any, str, Any]] = [
+            (self._ctl, "message", lambda d: self._early.append((Channel.RELIABLE, d))),
+            (self._act, "message", lambda d: self._early.append((Channel.UNRELIABLE, d))),
+            (self._ctl, "open", self._check_ready), (self._act, "open", self._check_ready),
+            (pc, "connectionstatechange", self._check_ready)]
+        for emitter, event, handler in self._handlers:
+            emitter.on(event, handler)
+
+    @classmethod
+    async def offer(cls) -> Handshake:
+        """Create the peer connection, its two channels and the SDP offer (candidates gathered).
+
+        Raises:
+            ConfigError: :func:`pin_host_addresses` was not called.
+        """
+        return await cls._create(None)
+
+    @classmethod
+    async def answer(cls, offer_sdp: str) -> Handshake:
+        """Create the answering peer connection for ``offer_sdp`` and its SDP answer.
+
+        Raises:
+            ConfigError: :func:`pin_host_addresses` was not called.
+            TransportError: ``offer_sdp`` is not a usable offer.
+        """
+        return await cls._create(offer_sdp)
+
+    @classmethod
+    async def _create(cls, offer_sdp: str | None) -> Handshake:
+        pc = _new_peer_connection()
+        try:
+            if offer_sdp is not None:
+                await _set_remote(pc, offer_sdp, "offer")
+            hs = cls(pc)
+            await pc.setLocalDescription(await (pc.createOffer() if offer_sdp is None else pc.createAnswer()))
+        except BaseException:
+            await pc.close()
+            raise
+        _raise_receive_buffers(pc)
+        return hs
+
+    @property
+    def local_sdp(self) -> str:
+        """This side's SDP (offer or answer) with every gathered candidate."""
+        return self._pc.localDescription.sdp
+
+    async def accept_answer(self, answer_sdp: str) -> None:
+        """Offerer side: apply the peer's SDP answer.
+
+        Raises:
+            TransportError: ``answer_sdp`` is not a usable answer.
+        """
+        await _set_remote(self._pc, answer_sdp, "answer")
+
+    def _check_ready(self) -> None:
+        if self._pc.connectionState in ("failed", "closed") or self._ctl.readyState == self._act.readyState == "open":
+            self._ready.set()
+
+    async def open(self, *, local_id: str, remote_id: str, timeout_s: float, **options: Any) -> WebRtcLink:
+        """Wait until ICE, DTLS, SCTP and both channels are up, and return the link.
+
+        Args:
+            local_id, remote_id: peer ids of this end and the other.
+            timeout_s: longest wait in seconds.
+            **options: keyword arguments of :class:`WebRtcLink`.
+
+        Raises:
+            TransportError: ICE or DTLS failed, or the channels did not open in time (the peer
+                connection is then closed).
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._ready.wait()
+        if not self._ready.is_set() or self._pc.connectionState in ("failed", "closed"):
+            state = self._pc.connectionState if self._ready.is_set() else f"did not open within {timeout_s:g} s"
+            await self.abort()
+            raise TransportError(f"connection to peer {remote_id} {state} (ICE, DTLS or SCTP)",
+                                 "check that both devices can reach each other over UDP")
+        self._detach()
+        return WebRtcLink(self._pc, self._ctl, self._act, local_id=local_id, remote_id=remote_id,
+                          early=self._early, **options)
+
+    def _detach(self) -> None:
+        for emitter, event, handler in self._handlers:
+            with contextlib.suppress(KeyError):
+                emitter.remove_listener(event, handler)
+        self._handlers.clear()
+
+    async def abort(self) -> None:
+        """Close the peer connection (idempotent)."""
+        self._detach()
+        await self._pc.close()
+
+
+async def _set_remote(pc: RTCPeerConnection, sdp: str, kind: str) -> None:
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, InvalidStateError) as exc:
+        raise TransportError(f"unusable SDP {kind}: {exc}", "the peer runs an incompatible version") from exc
+    if pc.sctp is None or "m=application" not in sdp:
+        raise TransportError(f"unusable SDP {kind}: no data-channel (m=application) section",
+                             "the peer runs an incompatible version")
+
+
+class WebRtcLink:
+    """One end of a WebRTC link; satisfies :class:`~halo_p2p.net.link.Link`. Built by :class:`Handshake`.
+
+    Args:
+        pc, ctl, act: the open peer connection and its two channels.
+        local_id, remote_id: peer ids of this end and the other.
+        early: messages that arrived before the link existed.
+        heartbeat_interval_s: seconds between heartbeats (default 0.5).
+        dead_after_s: close the link after this many seconds without any frame (default 3).
+        max_unreliable_bytes: largest unreliable message (default 1160, one SCTP packet).
+        unreliable_backlog_bytes: drop unreliable sends while the channel holds more than this
+            many unsent bytes (default 64 KiB).
+        reliable_high_water_bytes / reliable_low_water_bytes: a reliable send waits while more
+            than the high mark is queued, until the queue drains to the low mark.
+        send_timeout_s: longest wait of a reliable send, in seconds.
+        max_inbox_messages: unreliable messages beyond this many unread ones are dropped.
+
+    Raises:
+        ConfigError: an option is out of range.
+    """
+
+    def __init__(self, pc: RTCPeerConnection, ctl: Any, act: Any, *, local_id: str, remote_id: str,
+                 early: Iterable[tuple[Channel, bytes | str]] = (), heartbeat_interval_s: float = 0.5,
+                 dead_after_s: float = 3.0, max_unreliable_bytes: int = SCTP_FRAGMENT_BYTES,
+                 unreliable_backlog_bytes: int = 64 << 10, reliable_high_water_bytes: int = 1 << 20,
+                 reliable_low_water_bytes: int = 256 << 10, send_timeout_s: float = 10.0,
+                 max_inbox_messages: int = 8192) -> None:
+        if not (0 < heartbeat_interval_s < dead_after_s and send_timeout_s > 0
+                and 1 <= max_unreliable_bytes <= MAX_MESSAGE_BYTES and unreliable_backlog_bytes >= 0
+                and 0 <= reliable_low_water_bytes < reliable_high_water_bytes and max_inbox_messages >= 1):
+            raise ConfigError("WebRtcLink options are out of range",
+                              "need 0 < heartbeat_interval_s < dead_after_s, 1 <= max_unreliable_bytes <= "
+                              f"{MAX_MESSAGE_BYTES}, low water < high water")
+        self._pc, self._ctl, self._act = pc, ctl, act
+        self._local_id, self._remote_id = local_id, remote_id
+        self._hb_interval_s, self._dead_after_s = heartbeat_interval_s, dead_after_s
+        self._max_unreliable_bytes = max_unreliable_bytes
+        self._backlog_cap = unreliable_backlog_bytes
+        self._high_water = reliable_high_water_bytes
+        self._send_timeout_s = send_timeout_s
+        self._max_inbox = max_inbox_messages
+        self._stats = LinkStats()
+        self.backlog_drops = 0
+        """Unreliable sends dropped because the channel's backlog exceeded the cap (also in ``messages_lost``)."""
+        self.inbox_drops = 0
+        """Unreliable messages dropped on arrival because the inbox was full."""
+        self.close_reason: str | None = None
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._closed = False
+        self._close_task: asyncio.Future[None] | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._last_heard_s = time.monotonic()
+        self._hb_seq = 0
+        self._last_rtt_ms = 0.0
+        self._hb_window: deque[list[Any]] = deque()   # [seq, sent_s, state]; state: 0 waiting, 1 acked, 2 late
+        self._hb_waiting: dict[int, list[Any]] = {}
+        ctl.bufferedAmountLowThreshold = reliable_low_water_bytes
+        ctl.on("message", lambda d: self._on_message(Channel.RELIABLE, d))
+        act.on("message", lambda d: self._on_message(Channel.UNRELIABLE, d))
+        ctl.on("bufferedamountlow", self._drained.set)
+        for channel in (ctl, act):
+            channel.on("close", lambda: self._shutdown("the peer closed the link"))
+        pc.on("connectionstatechange", self._on_state)
+        self._hb_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat {local_id}->{remote_id}")
+        for item in early:
+            self._on_message(*item)
+        if ctl.readyState != "open" or act.readyState != "open" or pc.connectionState in ("failed", "closed"):
+            self._shutdown("the connection closed while it was being set up")
+
+    def __repr__(self) -> str:
+        return f"WebRtcLink({self._local_id!r} -> {self._remote_id!r}, {'closed' if self._closed else 'open'})"
+
+    @property
+    def local_id(self) -> str:
+        """Peer id of this end."""
+        return self._local_id
+
+    @property
+    def remote_id(self) -> str:
+        """Peer id of the other end."""
+        return self._remote_id
+
+    @property
+    def max_unreliable_bytes(self) -> int:
+        """Largest unreliable message in bytes."""
+        return self._max_unreliable_bytes
+
+    @property
+    def stats(self) -> LinkStats:
+        """Live counters; ``rtt_ms``, ``jitter_ms`` and ``measured_plr`` come from heartbeats."""
+        return self._stats
+
+    @property
+    def closed(self) -> bool:
+        """Whether the link is closed (by either end, or declared dead)."""
+        return self._closed
+
+    @property
+    def last_heard_s(self) -> float:
+        """``time.monotonic()`` when the last frame (of any kind) arrived from the peer."""
+        return self._last_heard_s
+
+    @property
+    def local_sdp(self) -> str:
+        """This end's SDP (for diagnostics)."""
+        return self._pc.localDescription.sdp
+
+    @property
+    def remote_sdp(self) -> str:
+        """The peer's SDP (for diagnostics)."""
+        return self._pc.remoteDescription.sdp
+
+    def wire_bytes(self) -> tuple[int, int] | None:
+        """``(sent, received)`` DTLS bytes on the wire (UDP payloads without ICE checks), or None if unknown."""
+        try:
+            report = self._pc.sctp.transport._get_stats()   # private, aiortc 1.16
+            stats = next(iter(report.values()))
+            return int(stats.bytesSent), int(stats.bytesReceived)
+        except (AttributeError, StopIteration, TypeError):
+            return None
+
+    def _closed_error(self) -> LinkClosed:
+        return LinkClosed(f"link {self._local_id} -> {self._remote_id} is closed ({self.close_reason})")
+
+    async def send(self, channel: Channel, data: bytes) -> None:
+        """Send one message; see :meth:`~halo_p2p.net.link.Link.send`.
+
+        Unreliable: never waits; dropped (counted in ``messages_lost`` and :attr:`backlog_drops`)
+        while the channel's backlog exceeds the cap. Reliable: waits while more than the high
+        water mark is queued.
+
+        Raises:
+            ValueError: an unreliable message over :attr:`max_unreliable_bytes`, or a reliable one
+                over 262144 bytes (aiortc's limit; callers chunk).
+            TransportError: a reliable send waited longer than ``send_timeout_s``.
+            LinkClosed: the link is closed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        channel = Channel(channel)
+        data = memoryview(data).tobytes()
+        counters = self._stats[channel]
+        if channel is Channel.UNRELIABLE:
+            if len(data) > self._max_unreliable_bytes:
+                counters.messages_dropped_for_size += 1
+                raise ValueError(f"unreliable message of {len(data)} bytes exceeds the {self._max_unreliable_bytes}"
+                                 f"-byte limit of link {self._local_id} -> {self._remote_id}; chunk it")
+            counters.messages_sent += 1
+            counters.bytes_sent += len(data)
+            if self._act.bufferedAmount > self._backlog_cap:
+                counters.messages_lost += 1
+                counters.bytes_lost += len(data)
+                self.backlog_drops += 1
+                return
+            self._channel_send(self._act, data)
+            return
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"reliable message of {len(data)} bytes exceeds aiortc's {MAX_MESSAGE_BYTES}-byte "
+                             f"limit on link {self._local_id} -> {self._remote_id}; chunk it")
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                while self._ctl.bufferedAmount > self._high_water and not self._closed:
+                    self._drained.clear()
+                    await self._drained.wait()
+        except TimeoutError:
+            raise TransportError(f"reliable send to {self._remote_id} waited {self._send_timeout_s:g} s with "
+                                 f"{self._ctl.bufferedAmount} bytes queued",
+                                 "the peer or the network is too slow; send less") from None
+        if self._closed:
+            raise self._closed_error()
+        counters.messages_sent += 1
+        counters.bytes_sent += len(data)
+        self._channel_send(self._ctl, data)
+
+    def _channel_send(self, channel: Any, data: bytes) -> None:
+        try:
+            channel.send(data)
+        except InvalidStateError:
+            self._shutdown("the data channel closed")
+            raise self._closed_error() from None
+
+    async def recv(self) -> tuple[Channel, bytes]:
+        """Wait for the next message (heartbeats excluded); cancellation-safe.
+
+        Raises:
+            LinkClosed: the link is closed and every message that had arrived was read.
+        """
+        item = await self._inbox.get()
+        if item is _CLOSED:
+            self._inbox.put_nowait(_CLOSED)
+            raise self._closed_error()
+        return item  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Close the link and the peer connection; idempotent. The peer's ``recv`` raises ``LinkClosed``."""
+        self._shutdown("closed by this end")
+        owned = [t for t in (self._hb_task, self._close_task) if t is not None and t is not asyncio.current_task()]
+        if owned:   # asyncio.wait never raises; bounded because aiortc's close can wait on its own close task
+            await asyncio.wait(owned, timeout=5.0)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _shutdown(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = reason
+        log.info("link %s -> %s closed: %s", self._local_id, self._remote_id, reason)
+        self._inbox.put_nowait(_CLOSED)
+        self._drained.set()
+        if self._hb_task is not asyncio.current_task():
+            self._hb_task.cancel()
+        self._close_task = asyncio.ensure_future(self._pc.close())
+        self._close_task.add_done_callback(_log_failure)
+
+    def _on_state(self) -> None:
+        if self._pc.connectionState in ("failed", "closed"):
+            self._shutdown(f"ICE/DTLS connection {self._pc.connectionState}")
+
+    def _on_message(self, channel: Channel, data: bytes | str) -> None:
+        if self._closed:
+            return
+        if isinstance(data, str):
+            data = data.encode()
+        self._last_heard_s = time.monotonic()
+        if channel is Channel.UNRELIABLE and len(data) < 32 and data[:3] in _HB_PREFIXES:
+            try:
+                msg = decode(data)
+            except WireError:
+                msg = None
+            if isinstance(msg, Heartbeat):
+                self._send_internal(encode(HeartbeatAck(seq=msg.seq, sent_s=msg.sent_s)))
+                return
+            if isinstance(msg, HeartbeatAck):
+                self._on_ack(msg)
+                return
+        if channel is Channel.UNRELIABLE and self._inbox.qsize() >= self._max_inbox:
+            self.inbox_drops += 1
+            return
+        counters = self._stats[channel]
+        counters.messages_delivered += 1
+        counters.bytes_delivered += len(data)
+        self._inbox.put_nowait((channel, data))
+
+    def _send_internal(self, frame: bytes) -> bool:
+        """Send a heartbeat frame unless the unreliable backlog is over the cap."""
+        if self._closed or self._act.bufferedAmount > self._backlog_cap:
+            return False
+        try:
+            self._act.send(frame)
+        except InvalidStateError:
+            self._shutdown("the data channel closed")
+            return False
+        return True
+
+    def _on_ack(self, ack: HeartbeatAck) -> None:
+        record = self._hb_waiting.pop(ack.seq, None)
+        if record is None or record[1] != ack.sent_s:
+            return
+        rtt_s = time.monotonic() - record[1]
+        if rtt_s > _HB_ACK_DEADLINE_S:
+            record[2] = 2
+            return
+        record[2] = 1
+        rtt_ms, st = rtt_s * 1e3, self._stats
+        if st.rtt_ms is None:
+            st.rtt_ms = rtt_ms  # RFC 6298 §2.2: first sample
+        else:
+            d_ms = abs(rtt_ms - self._last_rtt_ms)  # RFC 3550 §6.4.1, with RTTs instead of transit times
+            st.jitter_ms = d_ms if st.jitter_ms is None else st.jitter_ms + (d_ms - st.jitter_ms) / 16
+            st.rtt_ms += (rtt_ms - st.rtt_ms) / 8   # RFC 6298 §2.3, alpha = 1/8
+        self._last_rtt_ms = rtt_ms
+        self._update_plr(time.monotonic())
+
+    def _update_plr(self, now_s: float) -> None:
+        decided = lost = 0
+        for _, sent_s, state in self._hb_window:
+            if state == 1:
+                decided += 1
+            elif state == 2 or now_s - sent_s > _HB_ACK_DEADLINE_S:
+                decided += 1
+                lost += 1
+        if decided:
+            self._stats.measured_plr = lost / decided
+
+    async def _heartbeat_loop(self) -> None:
+        """Send a heartbeat every interval; declare the peer dead after ``dead_after_s`` of silence."""
+        wake_s = time.monotonic()
+        while not self._closed:
+            now = time.monotonic()
+            if now - wake_s > self._dead_after_s / 2:   # our own event loop stalled: do not blame the peer
+                log.debug("link %s -> %s: event loop stalled %.1f s", self._local_id, self._remote_id, now - wake_s)
+                self._last_heard_s = max(self._last_heard_s, now)
+            silent_s = now - self._last_heard_s
+            if silent_s > self._dead_after_s:
+                log.warning("link %s -> %s: nothing heard for %.1f s; closing", self._local_id,
+                            self._remote_id, silent_s)
+                self._shutdown(f"peer silent for {silent_s:.1f} s")
+                return
+            seq = self._hb_seq = (self._hb_seq + 1) % 2**32
+            if self._send_internal(encode(Heartbeat(seq=seq, sent_s=now))):
+                if len(self._hb_window) >= _HB_WINDOW:
+                    old = self._hb_window.popleft()
+                    self._hb_waiting.pop(old[0], None)
+                record = [seq, now, 0]
+                self._hb_window.append(record)
+                self._hb_waiting[seq] = record
+            self._update_plr(now)
+            wake_s = now + self._hb_interval_s
+            await asyncio.sleep(self._hb_interval_s)

@@ -1,0 +1,107 @@
+"""The models a peer holds, by sha256, and how a worker opens the one a plan names."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from halo_p2p.discovery import model_entry
+from halo_p2p.errors import HaloError, ModelNotFound
+from halo_p2p.groups import GroupLayout
+from halo_p2p.model.loader import LoadedModel, open_model
+from halo_p2p.model.registry import KNOWN_MODELS, cache_dir, sha256_file
+from halo_p2p.model.shard import GroupShard, SliceWeights
+from halo_p2p.session.worker import ShardFactory
+
+__all__ = ["HeldModel", "ModelLibrary", "file_sha256"]
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of ``path``, memoised in ``<cache>/sha256.json`` by (path, size, mtime)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = cache_dir().parent / "sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return str(memo[key])
+    digest = sha256_file(path)
+    memo[key] = digest
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError as exc:
+        log.debug("cannot memoise sha256 in %s: %s", memo_path, exc)
+    return digest
+
+
+@dataclass(frozen=True, slots=True)
+class HeldModel:
+    """A model file this peer can compute groups of."""
+
+    name: str
+    sha256: str
+    model: LoadedModel
+
+    @property
+    def entry(self) -> str:
+        """The ``name@sha16`` form advertised in mDNS."""
+        return model_entry(self.name, self.sha256)
+
+
+class ModelLibrary:
+    """The models a peer offers to coordinators.
+
+    Args:
+        specs: model names or paths to hold; ``None`` holds every known model present locally.
+    """
+
+    def __init__(self, specs: Iterable[str] | None = None) -> None:
+        self.held: dict[str, HeldModel] = {}
+        names = list(specs) if specs is not None else list(KNOWN_MODELS)
+        for spec in names:
+            try:
+                loaded = open_model(spec)
+            except ModelNotFound:
+                if specs is not None:
+                    raise
+                continue
+            digest = file_sha256(loaded.path)
+            self.held[digest] = HeldModel(loaded.name, digest, loaded)
+            log.info("holding %s (sha256 %s)", loaded.name, digest[:16])
+
+    def entries(self) -> tuple[str, ...]:
+        return tuple(m.entry for m in self.held.values())
+
+    def find(self, sha256: str) -> HeldModel | None:
+        return self.held.get(sha256)
+
+    def open_for_plan(self, sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
+        """The :data:`~halo_p2p.session.worker.ModelOpener` of this peer's workers.
+
+        Raises:
+            HaloError: this peer does not hold the model (the coordinator then leaves it out).
+        """
+        held = self.find(sha256)
+        if held is None:
+            raise HaloError(f"this peer does not hold the model with sha256 {sha256[:16]}",
+                            "pull the model on this peer (halo-peer pull NAME) or pass --model to join")
+        source = held.model.source
+        layout = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
+        weights = SliceWeights(source, layout)
+
+        def factory(groups: list, max_seq_len: int) -> GroupShard:
+            return GroupShard(weights, layout, groups, max_seq_len=max_seq_len)
+
+        return layout, factory

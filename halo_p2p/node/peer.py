@@ -1,0 +1,193 @@
+"""A peer of the swarm: discoverable over mDNS, answering signed offers, serving as a worker.
+
+``halo-peer join`` runs one :class:`PeerNode` until interrupted. Every peer is a worker: each
+coordinator that connects gets its own :class:`~halo_p2p.session.worker.Worker` over its own
+link (two prompts from two peers are two workers here, sharing this peer's compute thread). The
+peer where a prompt arrives runs a node too and coordinates (see :mod:`halo_p2p.node.swarm`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from halo_p2p.discovery import Discovery, PeerInfo
+from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.engine.probe import measure_gflops
+from halo_p2p.errors import ConfigError
+from halo_p2p.net.link import Link
+from halo_p2p.net.signaling import SignalingServer
+from halo_p2p.net.webrtc import pin_host_addresses
+from halo_p2p.node.library import ModelLibrary
+from halo_p2p.session.worker import Worker
+
+__all__ = ["NodeConfig", "PeerNode", "choose_address", "config_dir", "load_peer_id"]
+
+log = logging.getLogger(__name__)
+
+_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")]
+
+
+def config_dir() -> Path:
+    """``$XDG_CONFIG_HOME/halo-p2p`` (default ``~/.config/halo-p2p``): swarm key and peer id."""
+    base = os.environ.get("XDG_CONFIG_HOME")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".config"
+    return root / "halo-p2p"
+
+
+def load_peer_id(path: Path | None = None) -> str:
+    """This device's peer id, created once (``peer-`` and 12 hex digits) and kept in ``path``."""
+    path = path or config_dir() / "peer-id"
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    peer_id = f"peer-{secrets.token_hex(6)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(peer_id + "\n")
+    return peer_id
+
+
+def choose_address(candidates: list[str]) -> str:
+    """The address to advertise: the first private-range (RFC 1918 / link-local) IPv4 address.
+
+    A LAN peer's mDNS and WebRTC traffic stays on private networks; with none, 127.0.0.1 (the
+    peers of this one machine).
+    """
+    for addr in candidates:
+        ip = ipaddress.ip_address(addr)
+        if ip.version == 4 and any(ip in net for net in _PRIVATE):
+            return addr
+    return "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """How a peer presents itself.
+
+    Attributes:
+        peer_id: unique id on the LAN.
+        name: display name.
+        address: IPv4 address to listen on and advertise (mDNS, signaling, ICE host candidate).
+        port: signaling TCP port (0: any free port).
+        swarm_key: the shared secret authenticating signaling.
+        memory_budget_bytes: memory this peer offers for weights.
+        slowdown: emulated compute slowdown (profiles of slower devices).
+    """
+
+    peer_id: str
+    name: str
+    address: str
+    swarm_key: bytes = field(repr=False)
+    port: int = 0
+    memory_budget_bytes: int = 2 << 30
+    slowdown: float = 1.0
+
+
+@dataclass(slots=True)
+class ServedSession:
+    """A coordinator this peer works for."""
+
+    coordinator: str
+    link: Link
+    worker: Worker
+    task: asyncio.Task[None]
+    since_s: float
+
+
+class PeerNode:
+    """One peer: registered in discovery, answering offers, running a worker per coordinator.
+
+    Args:
+        config: identity and address.
+        library: the models this peer holds.
+        discovery: how peers find each other (mDNS, static, or in memory for tests).
+    """
+
+    def __init__(self, config: NodeConfig, library: ModelLibrary, discovery: Discovery) -> None:
+        self.config, self.library, self.discovery = config, library, discovery
+        self.compute = ComputeThread(f"halo-{config.peer_id}", slowdown=config.slowdown)
+        self.signaling = SignalingServer(config.peer_id, config.name, config.swarm_key, host=config.address,
+                                         port=config.port, on_link=self._on_link)
+        self.sessions: dict[int, ServedSession] = {}
+        self.info: PeerInfo | None = None
+        self._next = 0
+
+    @property
+    def peer_id(self) -> str:
+        return self.config.peer_id
+
+    async def start(self) -> PeerInfo:
+        """Listen for offers and register in discovery.
+
+        Raises:
+            TransportError: the signaling port cannot be bound.
+            DiscoveryError: the peer id is taken on this LAN.
+        """
+        try:
+            ipaddress.IPv4Address(self.config.address)
+        except ValueError:
+            raise ConfigError(f"address {self.config.address!r} is not an IPv4 address",
+                              "pass --address A.B.C.D or --interface NAME") from None
+        pin_host_addresses([self.config.address])
+        port = await self.signaling.start()
+        gflops = await asyncio.to_thread(measure_gflops)
+        self.info = PeerInfo(peer_id=self.peer_id, name=self.config.name, models=self.library.entries(),
+                             cores=os.cpu_count() or 1, memory_budget_bytes=self.config.memory_budget_bytes,
+                             compute_gflops=round(gflops / self.config.slowdown, 1), host=self.config.address,
+                             signaling_port=port)
+        await self.discovery.start(self.info)
+        log.info("peer %s (%s) joined at %s:%d", self.peer_id, self.config.name, self.config.address, port)
+        return self.info
+
+    async def _on_link(self, link: Link, remote_id: str) -> None:
+        worker = Worker(self.peer_id, link, self.library.open_for_plan, self.compute)
+        key = self._next = self._next + 1
+        task = asyncio.create_task(self._serve(key, worker, link), name=f"serve-{remote_id}")
+        self.sessions[key] = ServedSession(remote_id, link, worker, task, time.monotonic())
+
+    async def _serve(self, key: int, worker: Worker, link: Link) -> None:
+        try:
+            await worker.run()
+        except Exception:
+            log.exception("worker for %s failed", link.remote_id)
+        finally:
+            await link.aclose()
+            self.sessions.pop(key, None)
+            log.info("session with %s ended", link.remote_id)
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for the live view and ``halo-peer peers``."""
+        served = []
+        for s in self.sessions.values():
+            st = s.link.stats
+            held = 0
+            if s.worker.shard is not None and s.worker.layout is not None:
+                lay = s.worker.layout
+                held = sum(len(s.worker.shard.groups_at(layer, part)) for layer in range(lay.n_layers)
+                           for part in (0, 1))
+            served.append({"coordinator": s.coordinator, "role": "worker", "groups": held,
+                           "rtt_ms": st.rtt_ms, "jitter_ms": st.jitter_ms, "plr": st.measured_plr,
+                           "bytes_sent": st.reliable.bytes_sent + st.unreliable.bytes_sent,
+                           "bytes_received": st.reliable.bytes_delivered + st.unreliable.bytes_delivered,
+                           "counters": dict(s.worker.counters)})
+        return {"peer_id": self.peer_id, "name": self.config.name, "address": self.config.address,
+                "port": self.signaling.port, "models": list(self.library.entries()),
+                "peers": sorted(self.discovery.peers().values(), key=lambda p: p.name),
+                "served": served, "refused": dict(self.signaling.stats)}
+
+    async def aclose(self) -> None:
+        await self.discovery.aclose()
+        await self.signaling.aclose()
+        for s in list(self.sessions.values()):
+            s.task.cancel()
+        await asyncio.gather(*(s.task for s in self.sessions.values()), return_exceptions=True)
+        await asyncio.to_thread(self.compute.close)

@@ -1,0 +1,142 @@
+"""The coordinator side: run a prompt on the swarm this peer sees.
+
+It waits (bounded) for peers holding the same model file (same sha256) to appear in discovery,
+opens an authenticated WebRTC link to each, and builds a plan whose shares follow the peers'
+measured compute rates (the coordinator included). The engine re-plans without peers that
+refuse the plan or vanish (:class:`~halo_p2p.session.replan.ReplanningEngine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from halo_p2p.discovery import PeerInfo
+from halo_p2p.errors import HaloError
+from halo_p2p.groups import PARTS, GroupLayout
+from halo_p2p.model.config import ModelConfig
+from halo_p2p.model.shard import GroupShard, SliceWeights, Trunk, mlp_group_scores
+from halo_p2p.net.link import Link
+from halo_p2p.net.signaling import connect
+from halo_p2p.node.library import HeldModel
+from halo_p2p.node.peer import PeerNode
+from halo_p2p.plan import PlacementPlan
+from halo_p2p.session.coordinator import Coordinator, SessionOptions
+from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
+from halo_p2p.session.replan import ReplanningEngine
+
+__all__ = ["SwarmEngine", "open_swarm_engine", "wait_for_model_peers"]
+
+log = logging.getLogger(__name__)
+
+
+async def wait_for_model_peers(node: PeerNode, held: HeldModel, *, wait_s: float, want: int | None) -> list[PeerInfo]:
+    """Peers that advertise ``held`` (by sha256 prefix), waiting up to ``wait_s`` seconds for ``want``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        found = [p for p in node.discovery.peers().values() if held.entry in p.models]
+        if (want is not None and len(found) >= want) or loop.time() >= deadline:
+            return sorted(found, key=lambda p: p.peer_id)
+        await asyncio.sleep(0.1)
+
+
+@dataclass(slots=True)
+class SwarmEngine:
+    """An :class:`~halo_p2p.engine.protocol.Engine` over WebRTC workers (closes its links)."""
+
+    engine: ReplanningEngine
+    links: dict[str, Link]
+    peers: dict[str, PeerInfo] = field(default_factory=dict)
+
+    @property
+    def coordinator(self) -> Coordinator:
+        assert self.engine.coordinator is not None
+        return self.engine.coordinator
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.engine.config
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
+        return await self.engine.forward(token_ids, start_pos, all_logits=all_logits)
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+        await asyncio.gather(*(link.aclose() for link in self.links.values()), return_exceptions=True)
+
+
+async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOptions, *, wait_s: float = 3.0,
+                            max_workers: int | None = None, critical_fraction: float = 0.5,
+                            connect_timeout_s: float = 10.0) -> SwarmEngine:
+    """Connect to the peers holding ``held`` and start a session over them.
+
+    Raises:
+        HaloError: no peer holding the model answered (run locally instead).
+    """
+    found = await wait_for_model_peers(node, held, wait_s=wait_s, want=max_workers)
+    found = found[:max_workers] if max_workers else found
+    cfg = node.config
+
+    async def dial(p: PeerInfo) -> tuple[PeerInfo, Link] | None:
+        try:
+            link = await connect(p.host, p.signaling_port, peer_id=cfg.peer_id, name=cfg.name,
+                                 swarm_key=cfg.swarm_key, timeout_s=connect_timeout_s, expect_peer_id=p.peer_id)
+            return p, link
+        except HaloError as exc:
+            log.warning("cannot use peer %s (%s): %s", p.name, p.address, exc)
+            return None
+
+    dialed = [d for d in await asyncio.gather(*(dial(p) for p in found)) if d is not None]
+    if not dialed:
+        raise HaloError(f"no peer holding {held.name} answered",
+                        "start halo-peer join on other devices, or use --local")
+    links = {p.peer_id: link for p, link in dialed}
+    infos = {p.peer_id: p for p, _ in dialed}
+    source = held.model.source
+    layout = GroupLayout.from_config(source.config)
+    trunk = await node.compute.run(Trunk, source)
+    criticality: CriticalityPolicy
+    if options.mode == "halo":
+        scores = await node.compute.run(mlp_group_scores, source, layout)
+        criticality = StaticRule(scores, layout.n_attn, critical_fraction)
+    else:
+        criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
+    own_rate = node.info.compute_gflops if node.info else 1.0
+    weights = SliceWeights(source, layout)
+
+    async def factory(lost: frozenset[str], session: int) -> Coordinator:
+        alive = [pid for pid in links if pid not in lost and not links[pid].closed]
+        names = [cfg.peer_id, *alive]
+        shares = [own_rate, *(max(infos[p].compute_gflops, 0.1) for p in alive)]
+        plan = PlacementPlan.split(layout, names, coordinator=cfg.peer_id, shares=shares)
+        own = plan.groups_of(cfg.peer_id)
+        local = None
+        if own:
+            local = await node.compute.run(GroupShard, weights, layout, own, max_seq_len=options.max_seq_len)
+        coordinator = Coordinator(trunk=trunk, local=local, compute=node.compute, links={p: links[p] for p in alive},
+                                  plan=plan, options=options, criticality=criticality,
+                                  model_sha256=held.sha256, session=session)
+        try:
+            await coordinator.start()
+        except BaseException:
+            await coordinator.aclose()
+            raise
+        log.info("session %d over %d peers: %s", session, len(names), ", ".join(infos[p].name for p in alive))
+        return coordinator
+
+    engine = SwarmEngine(ReplanningEngine(factory), links, infos)
+    try:
+        await engine.engine.start()
+    except BaseException:
+        await engine.aclose()
+        raise
+    return engine

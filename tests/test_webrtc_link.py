@@ -1,0 +1,327 @@
+"""WebRtcLink over real aiortc on 127.0.0.1: sizes, heartbeats, closing, dead peers, two processes.
+
+Every network wait is bounded; host candidates are pinned to 127.0.0.1 and no STUN server is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from halo_p2p.errors import ConfigError, LinkClosed, TransportError
+from halo_p2p.net import webrtc
+from halo_p2p.net.link import Channel, Link, recv_timeout
+from halo_p2p.net.signaling import connect
+from halo_p2p.net.swarmkey import generate_swarm_key, parse_swarm_key
+from halo_p2p.net.webrtc import Handshake, WebRtcLink, pin_host_addresses
+
+REPO = Path(__file__).resolve().parents[1]
+CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ (\w+) \d+ (\S+) (\d+) typ (\w+)", re.M)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only() -> None:
+    pin_host_addresses(["127.0.0.1"])
+
+
+def assert_loopback_only(sdp: str) -> None:
+    """Every candidate is a 127.0.0.1 host candidate; every connection line says 127.0.0.1."""
+    candidates = CANDIDATE.findall(sdp)
+    assert candidates, sdp
+    assert all(proto == "udp" and host == "127.0.0.1" and kind == "host" for proto, host, _, kind in candidates), sdp
+    assert set(re.findall(r"^c=IN IP\d (\S+)", sdp, re.M)) == {"127.0.0.1"}, sdp
+    assert "srflx" not in sdp and "relay" not in sdp and "stun" not in sdp.lower()
+
+
+async def make_pair(**options: Any) -> tuple[WebRtcLink, WebRtcLink]:
+    offer = await Handshake.offer()
+    answer = await Handshake.answer(offer.local_sdp)
+    await offer.accept_answer(answer.local_sdp)
+    return await asyncio.gather(offer.open(local_id="a", remote_id="b", timeout_s=5, **options),
+                                answer.open(local_id="b", remote_id="a", timeout_s=5, **options))
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[WebRtcLink, WebRtcLink]]:
+    a, b = await make_pair()
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+async def recv_n(link: WebRtcLink, n: int, timeout_s: float = 5.0) -> list[tuple[Channel, bytes]]:
+    async with asyncio.timeout(timeout_s):
+        return [await link.recv() for _ in range(n)]
+
+
+async def test_setup_uses_only_loopback_candidates_and_satisfies_link(pair: tuple[WebRtcLink, WebRtcLink]) -> None:
+    a, b = pair
+    for link in (a, b):
+        assert isinstance(link, Link) and not link.closed and link.max_unreliable_bytes == 1160
+        assert_loopback_only(link.local_sdp)
+        assert_loopback_only(link.remote_sdp)
+    assert (a.local_id, a.remote_id, b.local_id, b.remote_id) == ("a", "b", "b", "a")
+    if os.geteuid() == 0:   # SO_RCVBUFFORCE 8 MiB (the kernel reports it doubled)
+        for protocol in a._pc.sctp.transport.transport._connection._protocols:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 8 << 20
+
+
+async def test_unreliable_frames_of_1160_bytes_arrive_and_1161_raises(pair: tuple[WebRtcLink, WebRtcLink]) -> None:
+    a, b = pair
+    frames = [bytes([i]) * 1160 for i in range(20)]
+    for frame in frames:
+        await a.send(Channel.UNRELIABLE, frame)
+    got = await recv_n(b, 20)
+    assert {ch for ch, _ in got} == {Channel.UNRELIABLE} and sorted(d for _, d in got) == frames
+    with pytest.raises(ValueError, match="1161 bytes exceeds the 1160-byte limit"):
+        await a.send(Channel.UNRELIABLE, bytes(1161))
+    st = a.stats.unreliable
+    assert (st.messages_sent, st.bytes_sent, st.messages_dropped_for_size) == (20, 20 * 1160, 1)
+    assert b.stats.unreliable.messages_delivered == 20 and b.stats.unreliable.bytes_delivered == 20 * 1160
+    await b.send(Channel.UNRELIABLE, b"back")
+    assert await recv_n(a, 1) == [(Channel.UNRELIABLE, b"back")]
+
+
+async def test_reliable_messages_up_to_262144_bytes_arrive_in_order(pair: tuple[WebRtcLink, WebRtcLink]) -> None:
+    a, b = pair
+    big = os.urandom(100_000)
+    await a.send(Channel.RELIABLE, big)
+    await a.send(Channel.RELIABLE, b"")
+    await a.send(Channel.RELIABLE, b"x" * 262_144)
+    assert await recv_n(b, 3) == [(Channel.RELIABLE, big), (Channel.RELIABLE, b""), (Channel.RELIABLE, b"x" * 262_144)]
+    with pytest.raises(ValueError, match="262145 bytes exceeds aiortc's 262144-byte limit"):
+        await a.send(Channel.RELIABLE, bytes(262_145))
+    assert a.stats.reliable.messages_sent == 3 and b.stats.reliable.messages_delivered == 3
+    sent, received = a.wire_bytes() or (0, 0)
+    assert sent > 100_000 + 262_144 and received > 0
+
+
+async def test_heartbeats_measure_rtt_and_no_loss_and_stay_inside_the_link() -> None:
+    a, b = await make_pair(heartbeat_interval_s=0.05)
+    try:
+        await asyncio.sleep(1.0)
+        for link in (a, b):
+            st = link.stats
+            assert st.rtt_ms is not None and 0 < st.rtt_ms < 100, st
+            assert st.jitter_ms is not None and st.jitter_ms >= 0
+            assert st.measured_plr == 0.0
+            assert time.monotonic() - link.last_heard_s < 0.5
+            assert st.unreliable.messages_delivered == 0 and st.unreliable.messages_sent == 0
+        assert await recv_timeout(b, 0.1) is None   # heartbeats are never returned by recv
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_closing_one_end_wakes_the_other_ends_recv(pair: tuple[WebRtcLink, WebRtcLink]) -> None:
+    a, b = pair
+    await a.send(Channel.RELIABLE, b"last words")
+    assert await recv_n(b, 1) == [(Channel.RELIABLE, b"last words")]
+    pending = asyncio.create_task(b.recv())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await a.aclose()
+    await a.aclose()   # idempotent
+    with pytest.raises(LinkClosed):
+        async with asyncio.timeout(3):
+            await pending
+    assert time.monotonic() - started < 3 and a.closed and b.closed
+    with pytest.raises(LinkClosed):
+        await b.recv()   # every later recv raises too
+    with pytest.raises(LinkClosed, match="is closed"):
+        await a.send(Channel.UNRELIABLE, b"x")
+    with pytest.raises(LinkClosed):
+        await b.send(Channel.RELIABLE, b"x")
+
+
+async def test_a_silent_peer_is_declared_dead() -> None:
+    a, b = await make_pair(heartbeat_interval_s=0.1, dead_after_s=0.6)
+    try:
+        b._hb_task.cancel()                      # b falls silent: no heartbeats, no acks
+        b._act.remove_all_listeners("message")
+        b._ctl.remove_all_listeners("message")
+        with pytest.raises(LinkClosed, match="peer silent"):
+            async with asyncio.timeout(3):
+                await a.recv()
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_stall_of_our_own_event_loop_is_not_blamed_on_the_peer() -> None:
+    a, b = await make_pair(heartbeat_interval_s=0.1, dead_after_s=0.6)
+    try:
+        await asyncio.sleep(0.3)
+        time.sleep(1.0)  # noqa: ASYNC251 - blocks both ends' loop on purpose (compute run inline by mistake)
+        await asyncio.sleep(0.8)
+        assert not a.closed and not b.closed
+        await a.send(Channel.RELIABLE, b"still here")
+        assert await recv_n(b, 1) == [(Channel.RELIABLE, b"still here")]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_unreliable_sends_never_block_and_drop_over_the_backlog_cap() -> None:
+    a, b = await make_pair(unreliable_backlog_bytes=0)
+    try:
+        started = time.perf_counter()
+        for i in range(200):
+            await a.send(Channel.UNRELIABLE, i.to_bytes(4, "big") * 250)
+        assert time.perf_counter() - started < 0.5
+        st = a.stats.unreliable
+        assert st.messages_sent == 200 and a.backlog_drops > 0 and st.messages_lost == a.backlog_drops
+        assert len(await recv_n(b, 200 - a.backlog_drops)) == 200 - a.backlog_drops
+        assert await recv_timeout(b, 0.1) is None
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_handshakes_refuse_to_start_unpinned_and_bad_sdp(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(TransportError, match="unusable SDP offer"):
+        await Handshake.answer("this is not SDP")
+    monkeypatch.setattr(webrtc, "_pinned", None)
+    with pytest.raises(ConfigError, match="not pinned"):
+        await Handshake.offer()
+    with pytest.raises(ConfigError, match="not an IP address"):
+        pin_host_addresses(["localhost"])
+
+
+CHILD = """
+import asyncio, os, sys
+from halo_p2p.errors import LinkClosed
+from halo_p2p.net.signaling import SignalingServer
+from halo_p2p.net.swarmkey import parse_swarm_key
+from halo_p2p.net.webrtc import pin_host_addresses
+
+async def main():
+    pin_host_addresses(["127.0.0.1"])
+    done, tasks = asyncio.Event(), set()
+
+    async def echo(link):
+        try:
+            while True:
+                channel, data = await link.recv()
+                await link.send(channel, data)
+        except LinkClosed:
+            pass
+        finally:
+            await link.aclose()
+            done.set()
+
+    async def on_link(link, peer_id):
+        tasks.add(asyncio.create_task(echo(link)))
+
+    key = parse_swarm_key(os.environ["HALO_SWARM_KEY"], source="env")
+    server = SignalingServer("child", "child process", key, host="127.0.0.1", on_link=on_link)
+    print(await server.start(), flush=True)
+    await asyncio.wait_for(done.wait(), 30)
+    await server.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+async def child_server() -> AsyncIterator[tuple[asyncio.subprocess.Process, int, bytes]]:
+    """A child process running a SignalingServer that echoes every frame: ``(process, port, key)``."""
+    key_text = generate_swarm_key()
+    env = {**os.environ, "HALO_SWARM_KEY": key_text, "PYTHONPATH": str(REPO)}
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, cwd=REPO, env=env,
+                                                 stdout=asyncio.subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        port = int(await asyncio.wait_for(child.stdout.readline(), 20))
+        yield child, port, parse_swarm_key(key_text, source="test")
+    finally:
+        if child.returncode is None:
+            child.kill()       # by pid: only the process this fixture started
+            await child.wait()
+
+
+async def test_two_processes_exchange_frames_over_signaling(
+        child_server: tuple[asyncio.subprocess.Process, int, bytes]) -> None:
+    child, port, key = child_server
+    started = time.perf_counter()
+    link = await connect("127.0.0.1", port, peer_id="parent", name="test", swarm_key=key, timeout_s=10)
+    setup_ms = (time.perf_counter() - started) * 1e3
+    assert link.remote_id == "child" and setup_ms < 5000
+    assert_loopback_only(link.local_sdp)
+    assert_loopback_only(link.remote_sdp)
+    rtts = []
+    for i in range(30):
+        sent = time.perf_counter()
+        await link.send(Channel.UNRELIABLE, i.to_bytes(4, "big") * 256)
+        assert await recv_n(link, 1) == [(Channel.UNRELIABLE, i.to_bytes(4, "big") * 256)]
+        rtts.append((time.perf_counter() - sent) * 1e3)
+    big = os.urandom(150_000)
+    await link.send(Channel.RELIABLE, big)
+    assert await recv_n(link, 1) == [(Channel.RELIABLE, big)]
+    assert statistics.median(rtts) < 50
+    await link.aclose()
+    assert await asyncio.wait_for(child.wait(), 15) == 0    # the child saw the close and exited
+
+
+async def test_a_killed_peer_process_wakes_recv_with_link_closed(
+        child_server: tuple[asyncio.subprocess.Process, int, bytes]) -> None:
+    child, port, key = child_server
+    link = await connect("127.0.0.1", port, peer_id="parent", name="test", swarm_key=key, timeout_s=10,
+                         heartbeat_interval_s=0.2, dead_after_s=1.0)
+    try:
+        await link.send(Channel.RELIABLE, b"hello")
+        assert await recv_n(link, 1) == [(Channel.RELIABLE, b"hello")]
+        pending = asyncio.create_task(link.recv())
+        child.kill()           # no SCTP ABORT, no DTLS close: only silence
+        started = time.monotonic()
+        with pytest.raises(LinkClosed, match="peer silent"):
+            async with asyncio.timeout(5):
+                await pending
+        assert time.monotonic() - started < 3
+    finally:
+        await link.aclose()
+
+
+async def test_an_answer_without_data_channels_is_refused() -> None:
+    offer = await Handshake.offer()
+    try:
+        with pytest.raises(TransportError, match="unusable SDP answer"):
+            await offer.accept_answer("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n")
+    finally:
+        await offer.abort()
+
+
+async def test_reliable_sends_wait_for_the_backlog_and_time_out() -> None:
+    a, b = await make_pair(reliable_high_water_bytes=300_000, reliable_low_water_bytes=100_000)
+    try:
+        messages = [bytes([i]) * 200_000 for i in range(12)]
+        peak = 0
+        for message in messages:
+            await a.send(Channel.RELIABLE, message)
+            peak = max(peak, a._ctl.bufferedAmount)
+        assert peak <= 300_000 + 200_000     # each send waited until the backlog was under the mark
+        assert await recv_n(b, 12) == [(Channel.RELIABLE, m) for m in messages]
+
+        class Stuck:                         # a channel whose backlog never drains
+            bufferedAmount = 10**9
+
+        real, a._ctl, a._send_timeout_s = a._ctl, Stuck(), 0.2
+        try:
+            with pytest.raises(TransportError, match=r"waited 0\.2 s with 1000000000 bytes queued"):
+                await a.send(Channel.RELIABLE, b"x")
+        finally:
+            a._ctl = real
+    finally:
+        await a.aclose()
+        await b.aclose()
