@@ -39,11 +39,14 @@ from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import split_ranges
 from halo_p2p.wire.messages import ErrorReply, LayerInput, NeedInput, Partial, Plan, PlanReady, Resend, Reset
 
-__all__ = ["Coordinator", "SessionOptions"]
+__all__ = ["RELIABLE_CHUNK_BYTES", "Coordinator", "SessionOptions"]
 
 log = logging.getLogger(__name__)
 
 _RECENT_SYNC_POINTS = 8
+RELIABLE_CHUNK_BYTES = 64 * 1024
+"""Payload of one activation message on the reliable channel (it has no per-packet loss, and
+WebRTC messages may be up to 256 KiB); the unreliable channel keeps one SCTP packet per frame."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,13 +112,13 @@ class Coordinator:
         missing = set(plan.workers()) - set(self.links)
         if missing:
             raise TransportError(f"no link to plan worker(s) {sorted(missing)}", "connect every worker first")
-        self._channel = Channel.RELIABLE if options.mode == "strict" else Channel.UNRELIABLE
+        self._channel = Channel.RELIABLE if options.mode == "strict" else Channel.UNRELIABLE   # decode steps
         self._n_parity = options.n_parity if options.mode == "halo" else 0
         self._timers = {(p, part): ResponseTimer(initial_s=options.initial_deadline_s, k=options.deadline_k,
                                                  floor_s=options.deadline_floor_s)
                         for p in self.links for part in PARTS}
         self._recent: OrderedDict[tuple[int, int, int], SyncPoint] = OrderedDict()
-        self._inputs: dict[tuple[str, int, int, int], list[bytes]] = {}
+        self._inputs: dict[tuple[str, int, int, int], tuple[Channel, list[bytes]]] = {}
         self._changed = asyncio.Event()
         self._ready: dict[str, asyncio.Future[PlanReady]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -221,10 +224,12 @@ class Coordinator:
         return remote
 
     async def _send_input(self, peer: str, sp: SyncPoint, wire: np.ndarray, start_pos: int, n_tokens: int) -> None:
-        max_elems = codec.max_payload_elems(wire.dtype, message_type=LayerInput)
+        channel = self._channel_for(n_tokens)
+        max_elems = (codec.max_payload_elems(wire.dtype, message_type=LayerInput) if channel == Channel.UNRELIABLE
+                     else RELIABLE_CHUNK_BYTES // wire.dtype.itemsize)
         n_data = max(1, math.ceil(wire.size / max_elems))
         chunks = [wire[a:b] for a, b in split_ranges(wire.size, n_data)]
-        n_parity = min(self._n_parity, n_data)
+        n_parity = min(self._n_parity, n_data) if channel == Channel.UNRELIABLE else 0
         offsets = [a for a, _ in split_ranges(wire.size, n_data)]
         frames = []
         for k, data in enumerate([*chunks, *fec.encode_parity(chunks, n_parity)]):
@@ -232,9 +237,14 @@ class Coordinator:
                 session=self.session, step=sp.step, layer=sp.layer, part=sp.part, start_pos=start_pos,  # type: ignore[arg-type]
                 n_tokens=n_tokens, chunk=k, n_data=n_data, n_parity=n_parity,
                 offset=offsets[k] if k < n_data else 0, data=data)))
-        self._inputs[(peer, *sp.key)] = frames
+        self._inputs[(peer, *sp.key)] = (channel, frames)
         for frame in frames:
-            await self._send(peer, self._channel, frame)
+            await self._send(peer, channel, frame)
+
+    def _channel_for(self, n_tokens: int) -> Channel:
+        """Decode steps go on the unreliable channel in halo mode; prompts (bulk, all critical)
+        and strict mode on the reliable, congestion-controlled one."""
+        return Channel.UNRELIABLE if self.options.mode == "halo" and n_tokens == 1 else Channel.RELIABLE
 
     async def _wait(self, sp: SyncPoint) -> None:
         loop = asyncio.get_running_loop()
@@ -254,7 +264,7 @@ class Coordinator:
                 wake = min(deadlines[p] for p in pending if now < deadlines[p])
             else:
                 wake = now + self.options.stall_timeout_s
-                if self.options.mode == "halo":
+                if self._channel_for(sp.n_tokens) == Channel.UNRELIABLE:   # reliable ones just arrive
                     for peer, groups in missing_critical.items():
                         if now >= next_resend[peer]:
                             await self._send_resend(peer, sp, groups)
@@ -321,9 +331,9 @@ class Coordinator:
                 sp = self._recent.get((msg.step, msg.layer, msg.part))
                 if sp is not None:
                     sp.retried.add(peer)
-                frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), [])
+                channel, frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), (self._channel, []))
                 for f in frames:
-                    await self._send(peer, self._channel, f)
+                    await self._send(peer, channel, f)
             elif isinstance(msg, PlanReady):
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():

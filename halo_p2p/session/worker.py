@@ -27,6 +27,7 @@ from halo_p2p.errors import HaloError, LinkClosed, WireError
 from halo_p2p.groups import GroupId, GroupLayout
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
+from halo_p2p.session.coordinator import RELIABLE_CHUNK_BYTES
 from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import chunk_ranges, split_ranges
 from halo_p2p.wire.messages import (
@@ -87,7 +88,8 @@ class Worker:
         self.channel = Channel.UNRELIABLE
         self.wire_dtype = np.dtype(np.float16)
         self._inputs: dict[tuple[int, int, int], _Input] = {}
-        self._results: OrderedDict[tuple[int, int, int], list[bytes]] = OrderedDict()
+        self._results: OrderedDict[tuple[int, int, int], list[list[bytes]]] = OrderedDict()
+        self._channels: dict[tuple[int, int, int], Channel] = {}
         self._latest: tuple[int, int, int] = (-1, -1, -1)   # newest sync point computed
         self._queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
         self.counters: Counter[str] = Counter()
@@ -199,18 +201,22 @@ class Worker:
             for old in [k for k in self._inputs if k <= key]:
                 del self._inputs[old]
             partials = await self.compute.run(self.shard.partials, layer, part, x, inp.start_pos)
-            frames = self._frames(step, layer, part, partials)
+            channel = self.channel if inp.n_tokens == 1 else Channel.RELIABLE   # prompts: reliable
+            frames = self._frames(step, layer, part, partials, channel)
             self._results[key] = frames
             while len(self._results) > _KEEP_RESULTS:
-                self._results.popitem(last=False)
+                old, _ = self._results.popitem(last=False)
+                self._channels.pop(old, None)
+            self._channels[key] = channel
             for group_frames in frames:
                 for frame in group_frames:
-                    await self.link.send(self.channel, frame)
+                    await self.link.send(channel, frame)
 
-    def _frames(self, step: int, layer: int, part: int, partials: np.ndarray) -> list[list[bytes]]:
+    def _frames(self, step: int, layer: int, part: int, partials: np.ndarray, channel: Channel) -> list[list[bytes]]:
         groups = self.shard.groups_at(layer, part) if self.shard else []
         wire = partials.astype(self.wire_dtype).reshape(len(groups), -1)
-        max_elems = codec.max_payload_elems(self.wire_dtype, message_type=Partial)
+        max_elems = (codec.max_payload_elems(self.wire_dtype, message_type=Partial) if channel == Channel.UNRELIABLE
+                     else RELIABLE_CHUNK_BYTES // self.wire_dtype.itemsize)
         ranges = chunk_ranges(wire.shape[1], max_elems) if wire.size else []
         out = []
         for g, row in zip(groups, wire, strict=True):
@@ -232,7 +238,8 @@ class Worker:
             return
         groups = self.shard.groups_at(msg.layer, msg.part) if self.shard else []
         self.counters["resent_groups"] += len(msg.groups)
+        channel = self._channels.get(key, self.channel)
         for g in msg.groups:
             if g in groups:
                 for frame in frames[groups.index(g)]:
-                    await self.link.send(self.channel, frame)
+                    await self.link.send(channel, frame)

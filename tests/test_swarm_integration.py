@@ -1,0 +1,140 @@
+"""Real peers: `halo-peer join` processes, real zeroconf and aiortc, on loopback and in namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from halo_p2p.net.swarmkey import generate_swarm_key
+from halo_p2p.node.netns import DeviceLink, NetnsLan, available
+from tests.conftest import SMOLLM2_GGUF
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of every peer: one swarm key, a cache where SmolLM2 is 'pulled'."""
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip("the shared SmolLM2 file is absent")
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    (cache / "halo-p2p" / "models").mkdir(parents=True)
+    (cache / "halo-p2p" / "models" / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
+    return {**os.environ, "XDG_CACHE_HOME": str(cache), "HALO_SWARM_KEY": generate_swarm_key()}
+
+
+def _peer_env(env: dict[str, str], tmp: Path, name: str) -> dict[str, str]:
+    cfg = tmp / f"cfg-{name}"          # each device keeps its own peer id
+    return {**env, "XDG_CONFIG_HOME": str(cfg)}
+
+
+def _wait_joined(proc: subprocess.Popen[str], timeout_s: float = 60) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout_s):
+        proc.kill()
+        raise AssertionError(f"peer did not join in {timeout_s} s: {proc.stderr.read() if proc.stderr else ''}")
+    line = proc.stdout.readline()
+    assert line.startswith("halo-peer: joined as"), line
+    return line
+
+
+@pytest.fixture(scope="module")
+def loopback_swarm(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    tmp = tmp_path_factory.mktemp("peers")
+    procs = [subprocess.Popen([sys.executable, "-m", "halo_p2p", "join", "--model", "smollm2-135m-instruct",
+                               "--name", f"peer{i}", "--interface", "lo", "--no-ui"],
+                              env=_peer_env(env, tmp, f"p{i}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(3)]
+    try:
+        yield [_wait_joined(p) for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _halo(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "halo_p2p", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_peers_discover_each_other_on_loopback(env, loopback_swarm, tmp_path) -> None:
+    out = _halo(_peer_env(env, tmp_path, "observer"), "peers", "--interface", "lo", "--json", "--wait", "3")
+    assert out.returncode == 0, out.stderr
+    names = sorted(p["name"] for p in json.loads(out.stdout))
+    assert names == ["peer0", "peer1", "peer2"]
+
+
+def test_strict_swarm_generation_equals_local(env, loopback_swarm, tmp_path) -> None:
+    args = ("generate", "--model", "smollm2-135m-instruct", "--chat", "--prompt", QUESTION, "--temperature", "0",
+            "--max-tokens", "12", "--json")
+    local = _halo(env, *args, "--local")
+    swarm = _halo(_peer_env(env, tmp_path, "coordinator"), *args, "--sync", "strict", "--interface", "lo",
+                  "--wire-dtype", "float32")
+    assert local.returncode == 0, local.stderr
+    assert swarm.returncode == 0, swarm.stderr
+    want, got = json.loads(local.stdout), json.loads(swarm.stdout)
+    assert "Paris" in want["text"]
+    assert got["token_ids"] == want["token_ids"]
+    assert got["split"]["peers"] == 4            # the coordinator and the three joined peers
+
+
+async def _netns_run(env: dict[str, str], tmp: Path, plr: float) -> dict[str, dict]:
+    """3 devices on an emulated LAN (device 2's link lossy); join on each, prompts from device 0."""
+    devices = [DeviceLink(0, 0.001, 0, seed=1), DeviceLink(0, 0.001, 0, seed=2), DeviceLink(plr, 0.001, 0, seed=3)]
+    results = {}
+    async with NetnsLan(f"hi{os.getpid() % 10000}", devices, replace_stale=True) as lan:
+        procs = []
+        for i in range(3):
+            procs.append(await lan.spawn(i, [sys.executable, "-m", "halo_p2p", "join", "--model",
+                                             "smollm2-135m-instruct", "--name", f"dev{i}", "--address", lan.address(i),
+                                             "--no-ui"], env=_peer_env(env, tmp, f"ns{i}"),
+                                         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL))
+        for p in procs:
+            line = await asyncio.wait_for(p.stdout.readline(), 90)
+            assert line.startswith(b"halo-peer: joined as"), line
+        for mode in ("strict", "halo"):
+            proc = await lan.spawn(0, [sys.executable, "-m", "halo_p2p", "generate", "--model",
+                                       "smollm2-135m-instruct", "--chat", "--prompt", QUESTION, "--temperature", "0",
+                                       "--max-tokens", "10", "--json", "--sync", mode, "--address", lan.address(0),
+                                       "--wait-peers", "4"],
+                                   env=_peer_env(env, tmp, f"coord-{mode}"), stdout=asyncio.subprocess.PIPE,
+                                   stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 600)
+            assert proc.returncode == 0, err.decode()
+            results[mode] = json.loads(out)
+    return results
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(1500)
+def test_namespace_swarm_under_loss(env, tmp_path) -> None:
+    ok, why = available()
+    if not ok:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    clean = asyncio.run(_netns_run(env, tmp_path, 0.0))
+    lossy = asyncio.run(_netns_run(env, tmp_path, 0.05))
+    for res in (clean, lossy):
+        assert res["strict"]["split"]["peers"] == 4 and res["halo"]["split"]["peers"] == 4
+    figures = {"plr0": {m: {k: clean[m][k] for k in ("tpot_ms", "tokens_per_s")} for m in clean},
+               "plr5": {m: {k: lossy[m][k] for k in ("tpot_ms", "tokens_per_s")} for m in lossy},
+               "halo_plr5_skipped": lossy["halo"]["split"]["mean_skipped_groups"],
+               "halo_plr5_per_token": lossy["halo"]["split"]["per_token"]}
+    Path(os.environ.get("HALO_RESULTS", "results")).mkdir(exist_ok=True)
+    (Path(os.environ.get("HALO_RESULTS", "results")) / "netns_loss.json").write_text(json.dumps(figures, indent=1))
+    assert "Paris" in lossy["halo"]["text"] and "Paris" in lossy["strict"]["text"]
