@@ -38,6 +38,7 @@ class ChatApp:
         self.console = console or Console(highlight=False)
         self.system = system
         self.history: list[Message] = []
+        self._first_record = 0
 
     def reset(self) -> None:
         """Start a new conversation."""
@@ -51,6 +52,8 @@ class ChatApp:
         prompt = self.model.chat_template.render([*system, *self.history], add_generation_prompt=True)
         ids = self.model.tokenizer.encode(prompt)
         pieces: list[str] = []
+        coordinator = getattr(self.generator.engine, "coordinator", None)
+        self._first_record = len(coordinator.records) if coordinator is not None else 0
         self.console.print(Text("assistant> ", style="bold green"), end="")
         try:
             async for event in self.generator.stream(ids, self.params):
@@ -71,7 +74,13 @@ class ChatApp:
         speed = f"{s.tokens_per_s:.1f} tokens/s" if s.tokens_per_s else "- tokens/s"
         used = s.prompt_tokens + len(s.token_ids)
         full = " · stopped: context full, /reset" if s.stop_reason == "context" else ""
-        return (f"[{self.model.name} · 1 peer · {len(s.token_ids)} tokens · {speed} · {tpot} · "
+        peers = "1 peer"
+        coordinator = getattr(self.generator.engine, "coordinator", None)
+        if coordinator is not None:
+            steps = coordinator.records[self._first_record:][1:]        # decode steps of this reply
+            skipped = sum(r.skipped for r in steps) / len(steps) if steps else 0.0
+            peers = f"{len(coordinator.plan.peers)} peers ({coordinator.options.mode}) · {skipped:.1f} skipped groups/token"
+        return (f"[{self.model.name} · {peers} · {len(s.token_ids)} tokens · {speed} · {tpot} · "
                 f"first token {1000 * s.prefill_s:.0f} ms · "
                 f"context {used}/{self.generator.engine.max_seq_len}{full}]")
 

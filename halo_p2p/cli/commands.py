@@ -36,12 +36,12 @@ err = Console(stderr=True)
 
 async def run(args: argparse.Namespace) -> int:
     """Dispatch ``args.command``; returns the exit status."""
-    from halo_p2p.cli import peers
+    from halo_p2p.cli import peers, swarm_cmd
 
     handler = {
         "models": cmd_models, "pull": cmd_pull, "generate": cmd_generate,
         "perplexity": cmd_perplexity, "chat": cmd_chat, "bench": cmd_bench,
-        "init": peers.cmd_init, "join": peers.cmd_join, "peers": peers.cmd_peers,
+        "init": peers.cmd_init, "join": peers.cmd_join, "peers": peers.cmd_peers, "swarm": swarm_cmd.cmd_swarm,
     }[args.command]
     return await handler(args)
 

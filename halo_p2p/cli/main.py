@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="signaling TCP port (default: any free port)")
     p.add_argument("--profile", default=None, help="device profile, e.g. rpi4 or peers/rpi4.toml")
     p.add_argument("--no-ui", action="store_true", help="no live view (for services and scripts)")
+    p.add_argument("--emulate-plr", type=float, default=0.0, metavar="P",
+                   help="drop this share of activation frames in this peer's links (tests on loopback)")
     add_network_args(p)
 
     p = sub.add_parser("peers", help="list the peers on the LAN")
@@ -129,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--peer-id", default=None, help=argparse.SUPPRESS)
     add_network_args(p)
+
+    from halo_p2p.cli.swarm_cmd import add_swarm_parser
+
+    add_swarm_parser(sub)
 
     p = sub.add_parser("bench", help="measure prefill speed, decode TPOT and peak memory")
     _model_args(p, "stories260K")

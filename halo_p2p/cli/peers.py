@@ -80,7 +80,8 @@ async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix:
     peer_id = (args.peer_id if getattr(args, "peer_id", None) else load_peer_id()) + suffix
     slowdown, budget = _profile_config(args) if hasattr(args, "profile") else (1.0, 2 << 30)
     config = NodeConfig(peer_id=peer_id, name=getattr(args, "name", None) or peer_id, address=address,
-                        swarm_key=key, port=getattr(args, "port", 0), memory_budget_bytes=budget, slowdown=slowdown)
+                        swarm_key=key, port=getattr(args, "port", 0), memory_budget_bytes=budget, slowdown=slowdown,
+                        emulated_plr=getattr(args, "emulate_plr", 0.0))
     node = PeerNode(config, library, make_discovery(args, address))
     try:
         await node.start()

@@ -245,6 +245,17 @@ class Link(Protocol):
         """
         ...
 
+    async def drain(self) -> None:
+        """Wait until this end's unreliable send backlog is low enough to send a burst.
+
+        Senders of many frames (a prompt's activations) call it every few frames so that the
+        link's backlog cap does not drop them; links without a backlog return at once.
+
+        Raises:
+            TransportError: the backlog did not drain in the link's send timeout.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Close both ends; idempotent. Messages in flight are dropped."""
         ...

@@ -332,6 +332,9 @@ class MemoryLink:
         assert isinstance(item, tuple)
         return item
 
+    async def drain(self) -> None:
+        """No backlog to wait for: the emulated wire never queues at the sender."""
+
     async def aclose(self) -> None:
         """Close both ends: cancel in-flight messages in both directions; idempotent.
 

@@ -34,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import socket
 import time
 from collections import deque
@@ -271,7 +272,7 @@ class WebRtcLink:
                  dead_after_s: float = 3.0, max_unreliable_bytes: int = SCTP_FRAGMENT_BYTES,
                  unreliable_backlog_bytes: int = 64 << 10, reliable_high_water_bytes: int = 1 << 20,
                  reliable_low_water_bytes: int = 256 << 10, send_timeout_s: float = 10.0,
-                 max_inbox_messages: int = 8192) -> None:
+                 max_inbox_messages: int = 8192, emulated_plr: float = 0.0, emulation_seed: int = 0) -> None:
         if not (0 < heartbeat_interval_s < dead_after_s and send_timeout_s > 0
                 and 1 <= max_unreliable_bytes <= MAX_MESSAGE_BYTES and unreliable_backlog_bytes >= 0
                 and 0 <= reliable_low_water_bytes < reliable_high_water_bytes and max_inbox_messages >= 1):
@@ -287,6 +288,12 @@ class WebRtcLink:
         self._send_timeout_s = send_timeout_s
         self._max_inbox = max_inbox_messages
         self._stats = LinkStats()
+        if not 0 <= emulated_plr < 1:
+            raise ConfigError(f"emulated_plr {emulated_plr} outside [0, 1)", "use e.g. 0.05")
+        self._emulated_plr = emulated_plr
+        self._emulation_rng = random.Random(f"halo-webrtc-emulation/{emulation_seed}/{local_id}/{remote_id}")
+        """Loss emulation on loopback (no namespaces): unreliable frames, heartbeats included, are
+        dropped with this probability when sent and when received at this end."""
         self.backlog_drops = 0
         """Unreliable sends dropped because the channel's backlog exceeded the cap (also in ``messages_lost``)."""
         self.inbox_drops = 0
@@ -395,6 +402,10 @@ class WebRtcLink:
                                  f"-byte limit of link {self._local_id} -> {self._remote_id}; chunk it")
             counters.messages_sent += 1
             counters.bytes_sent += len(data)
+            if self._emulated_plr and self._emulation_rng.random() < self._emulated_plr:
+                counters.messages_lost += 1
+                counters.bytes_lost += len(data)
+                return
             if self._act.bufferedAmount > self._backlog_cap:
                 counters.messages_lost += 1
                 counters.bytes_lost += len(data)
@@ -439,6 +450,23 @@ class WebRtcLink:
             raise self._closed_error()
         return item  # type: ignore[no-any-return]
 
+    async def drain(self) -> None:
+        """Wait (polling every millisecond) until the unreliable backlog is under half the cap.
+
+        Raises:
+            TransportError: still above it after ``send_timeout_s``.
+            LinkClosed: the link closed meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._send_timeout_s
+        while self._act.bufferedAmount > self._backlog_cap // 2:
+            if self._closed:
+                raise self._closed_error()
+            if loop.time() > deadline:
+                raise TransportError(f"unreliable backlog to {self._remote_id} did not drain in "
+                                     f"{self._send_timeout_s:.0f} s", "the peer or the network is overloaded")
+            await asyncio.sleep(0.001)
+
     async def aclose(self) -> None:
         """Close the link and the peer connection; idempotent. The peer's ``recv`` raises ``LinkClosed``."""
         self._shutdown("closed by this end")
@@ -470,6 +498,8 @@ class WebRtcLink:
             return
         if isinstance(data, str):
             data = data.encode()
+        if channel is Channel.UNRELIABLE and self._emulated_plr and self._emulation_rng.random() < self._emulated_plr:
+            return
         self._last_heard_s = time.monotonic()
         if channel is Channel.UNRELIABLE and len(data) < 32 and data[:3] in _HB_PREFIXES:
             try:
@@ -494,6 +524,8 @@ class WebRtcLink:
         """Send a heartbeat frame unless the unreliable backlog is over the cap."""
         if self._closed or self._act.bufferedAmount > self._backlog_cap:
             return False
+        if self._emulated_plr and self._emulation_rng.random() < self._emulated_plr:
+            return True                       # emulated loss: sent, never arrives
         try:
             self._act.send(frame)
         except InvalidStateError:

@@ -81,6 +81,7 @@ class NodeConfig:
         swarm_key: the shared secret authenticating signaling.
         memory_budget_bytes: memory this peer offers for weights.
         slowdown: emulated compute slowdown (profiles of slower devices).
+        emulated_plr: loss emulated inside this peer's links (loopback swarms without namespaces).
     """
 
     peer_id: str
@@ -90,6 +91,7 @@ class NodeConfig:
     port: int = 0
     memory_budget_bytes: int = 2 << 30
     slowdown: float = 1.0
+    emulated_plr: float = 0.0
 
 
 @dataclass(slots=True)
@@ -116,7 +118,9 @@ class PeerNode:
         self.config, self.library, self.discovery = config, library, discovery
         self.compute = ComputeThread(f"halo-{config.peer_id}", slowdown=config.slowdown)
         self.signaling = SignalingServer(config.peer_id, config.name, config.swarm_key, host=config.address,
-                                         port=config.port, on_link=self._on_link)
+                                         port=config.port, on_link=self._on_link,
+                                         link_options={"emulated_plr": config.emulated_plr} if config.emulated_plr
+                                         else None)
         self.sessions: dict[int, ServedSession] = {}
         self.info: PeerInfo | None = None
         self._next = 0

@@ -44,6 +44,7 @@ __all__ = ["RELIABLE_CHUNK_BYTES", "Coordinator", "SessionOptions"]
 log = logging.getLogger(__name__)
 
 _RECENT_SYNC_POINTS = 8
+_SILENCE_GAP_S = 0.02   # a burst of chunks silent this long has lost its rest
 RELIABLE_CHUNK_BYTES = 64 * 1024
 """Payload of one activation message on the reliable channel (it has no per-packet loss, and
 WebRTC messages may be up to 256 KiB); the unreliable channel keeps one SCTP packet per frame."""
@@ -229,7 +230,8 @@ class Coordinator:
                      else RELIABLE_CHUNK_BYTES // wire.dtype.itemsize)
         n_data = max(1, math.ceil(wire.size / max_elems))
         chunks = [wire[a:b] for a, b in split_ranges(wire.size, n_data)]
-        n_parity = min(self._n_parity, n_data) if channel == Channel.UNRELIABLE else 0
+        # one parity chunk per 4 data chunks at least: a prompt's input spans many chunks
+        n_parity = min(n_data, max(self._n_parity, math.ceil(n_data / 4))) if channel == Channel.UNRELIABLE else 0
         offsets = [a for a, _ in split_ranges(wire.size, n_data)]
         frames = []
         for k, data in enumerate([*chunks, *fec.encode_parity(chunks, n_parity)]):
@@ -238,18 +240,33 @@ class Coordinator:
                 n_tokens=n_tokens, chunk=k, n_data=n_data, n_parity=n_parity,
                 offset=offsets[k] if k < n_data else 0, data=data)))
         self._inputs[(peer, *sp.key)] = (channel, frames)
-        for frame in frames:
+        await self._send_all(peer, channel, frames)
+
+    async def _send_all(self, peer: str, channel: Channel, frames: list[bytes]) -> None:
+        """Send frames, pausing every 16 unreliable ones until the link's backlog drains."""
+        for i, frame in enumerate(frames):
+            if channel == Channel.UNRELIABLE and i and i % 16 == 0 and peer not in self.dead:
+                try:
+                    await self.links[peer].drain()
+                except TransportError:
+                    log.debug("backlog to %s did not drain", peer)
             await self._send(peer, channel, frame)
 
     def _channel_for(self, n_tokens: int) -> Channel:
-        """Decode steps go on the unreliable channel in halo mode; prompts (bulk, all critical)
-        and strict mode on the reliable, congestion-controlled one."""
-        return Channel.UNRELIABLE if self.options.mode == "halo" and n_tokens == 1 else Channel.RELIABLE
+        """halo: the unreliable channel (a loss costs a resend round trip, not an RTO; prompts are
+        paced and all their groups are critical); strict: the reliable, congestion-controlled one."""
+        del n_tokens
+        return self._channel
 
     async def _wait(self, sp: SyncPoint) -> None:
         loop = asyncio.get_running_loop()
         deadlines = {p: sp.sent_at_s + self._timers[(p, sp.part)].deadline_s() for p in set(sp.owners.values())}
-        next_resend = {p: d for p, d in deadlines.items()}
+        # first Resend: at the peer's deadline, or once its burst of chunks has gone silent for a
+        # gap (the rest is lost); a prompt's compute is slower than the decode steps timed, so a
+        # peer that has sent nothing yet gets the initial deadline at least
+        first = self.options.initial_deadline_s if sp.n_tokens > 1 else 0.0
+        next_resend = {p: max(d, sp.sent_at_s + first) for p, d in deadlines.items()}
+        last_resend: dict[str, float] = {}
         last_progress = loop.time()
         while not sp.all_complete:
             now = loop.time()
@@ -266,11 +283,19 @@ class Coordinator:
                 wake = now + self.options.stall_timeout_s
                 if self._channel_for(sp.n_tokens) == Channel.UNRELIABLE:   # reliable ones just arrive
                     for peer, groups in missing_critical.items():
-                        if now >= next_resend[peer]:
+                        srtt = self._timers[(peer, sp.part)].srtt or 0.0
+                        interval = max(self.options.resend_interval_s, 2 * srtt)
+                        due = next_resend[peer]
+                        heard = sp.last_heard_s.get(peer)
+                        if heard is not None:
+                            silent = heard + max(_SILENCE_GAP_S, interval)
+                            due = min(due, max(silent, last_resend.get(peer, 0.0) + interval))
+                        if now >= due:
                             await self._send_resend(peer, sp, groups)
-                            srtt = self._timers[(peer, sp.part)].srtt or 0.0
-                            next_resend[peer] = now + max(self.options.resend_interval_s, 2 * srtt)
-                        wake = min(wake, next_resend[peer])
+                            last_resend[peer] = now
+                            next_resend[peer] = now + interval
+                            due = now + interval
+                        wake = min(wake, due)
             if now - last_progress > self.options.stall_timeout_s:
                 stuck = sorted(sp.pending_peers())
                 raise TransportError(f"no partials from {', '.join(stuck)} for {self.options.stall_timeout_s:.0f} s "
@@ -332,8 +357,7 @@ class Coordinator:
                 if sp is not None:
                     sp.retried.add(peer)
                 channel, frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), (self._channel, []))
-                for f in frames:
-                    await self._send(peer, channel, f)
+                await self._send_all(peer, channel, frames)
             elif isinstance(msg, PlanReady):
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():

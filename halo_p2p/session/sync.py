@@ -145,6 +145,7 @@ class SyncPoint:
         self.parts = {g: Reassembly(n_tokens * dim, dtype) for g in self.owners}
         self.done_at_s: dict[str, float] = {}          # peer -> time its last group completed
         self.retried: set[str] = set()                 # peers asked to resend (Karn: no timing sample)
+        self.last_heard_s: dict[str, float] = {}       # peer -> time its last new chunk arrived
         self.record = SyncRecord(layer, part, critical=len(self.critical))
         self.closed = False
 
@@ -163,6 +164,8 @@ class SyncPoint:
             raise WireError(f"partial of group {msg.group} at layer {self.layer} part {self.part} "
                             f"from {peer!r}, which does not own it", "check the peers run the same plan")
         new = self.parts[msg.group].add(msg.offset, msg.data) > 0
+        if new:
+            self.last_heard_s[peer] = now_s
         if self.closed and new:
             self.record.late += 1
         if new and peer not in self.done_at_s and self.peer_complete(peer):

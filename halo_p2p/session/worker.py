@@ -55,6 +55,7 @@ returns its layout and a shard factory, or raises :class:`~halo_p2p.errors.HaloE
 worker replies :class:`ErrorReply`). Runs on the compute thread."""
 
 _KEEP_RESULTS = 8
+_INPUT_GAP_S = 0.02   # an incomplete input silent this long has lost chunks
 
 
 @dataclass(slots=True)
@@ -90,6 +91,7 @@ class Worker:
         self._inputs: dict[tuple[int, int, int], _Input] = {}
         self._results: OrderedDict[tuple[int, int, int], list[list[bytes]]] = OrderedDict()
         self._channels: dict[tuple[int, int, int], Channel] = {}
+        self._checks: dict[tuple[int, int, int], asyncio.TimerHandle] = {}
         self._latest: tuple[int, int, int] = (-1, -1, -1)   # newest sync point computed
         self._queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
         self.counters: Counter[str] = Counter()
@@ -123,6 +125,8 @@ class Worker:
                 else:
                     self.counters["unexpected"] += 1
         finally:
+            for handle in self._checks.values():
+                handle.cancel()
             computer.cancel()
             await asyncio.gather(computer, return_exceptions=True)
 
@@ -170,6 +174,20 @@ class Worker:
         if self._assemble(key, inp) is not None:
             inp.queued = True
             self._queue.put_nowait(key)
+        elif key not in self._checks:          # some chunks arrived, the rest may be lost
+            loop = asyncio.get_running_loop()
+            self._checks[key] = loop.call_later(_INPUT_GAP_S, self._check_input, key)
+
+    def _check_input(self, key: tuple[int, int, int]) -> None:
+        """An input still incomplete after a silent gap: ask the coordinator for it again."""
+        self._checks.pop(key, None)
+        inp = self._inputs.get(key)
+        if inp is None or inp.queued or key <= self._latest:
+            return
+        self.counters["need_input"] += 1
+        frame = codec.encode(NeedInput(session=self.session, step=key[0], layer=key[1], part=key[2]))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(self.link.send(Channel.UNRELIABLE, frame))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _assemble(self, key: tuple[int, int, int], inp: _Input) -> np.ndarray | None:
         assert self.layout is not None
@@ -201,16 +219,21 @@ class Worker:
             for old in [k for k in self._inputs if k <= key]:
                 del self._inputs[old]
             partials = await self.compute.run(self.shard.partials, layer, part, x, inp.start_pos)
-            channel = self.channel if inp.n_tokens == 1 else Channel.RELIABLE   # prompts: reliable
+            channel = self.channel
             frames = self._frames(step, layer, part, partials, channel)
             self._results[key] = frames
             while len(self._results) > _KEEP_RESULTS:
                 old, _ = self._results.popitem(last=False)
                 self._channels.pop(old, None)
             self._channels[key] = channel
-            for group_frames in frames:
-                for frame in group_frames:
-                    await self.link.send(channel, frame)
+            await self._send_all(channel, [f for group_frames in frames for f in group_frames])
+
+    async def _send_all(self, channel: Channel, frames: list[bytes]) -> None:
+        """Send frames, pausing every 16 unreliable ones until the link's backlog drains."""
+        for i, frame in enumerate(frames):
+            if channel == Channel.UNRELIABLE and i and i % 16 == 0:
+                await self.link.drain()
+            await self.link.send(channel, frame)
 
     def _frames(self, step: int, layer: int, part: int, partials: np.ndarray, channel: Channel) -> list[list[bytes]]:
         groups = self.shard.groups_at(layer, part) if self.shard else []
@@ -239,7 +262,4 @@ class Worker:
         groups = self.shard.groups_at(msg.layer, msg.part) if self.shard else []
         self.counters["resent_groups"] += len(msg.groups)
         channel = self._channels.get(key, self.channel)
-        for g in msg.groups:
-            if g in groups:
-                for frame in frames[groups.index(g)]:
-                    await self.link.send(channel, frame)
+        await self._send_all(channel, [f for g in msg.groups if g in groups for f in frames[groups.index(g)]])
