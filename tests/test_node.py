@@ -1,0 +1,89 @@
+"""Peers over real WebRTC links in one process (discovery in memory): roles and concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from halo_p2p.discovery import MemoryDiscovery, MemoryNetwork
+from halo_p2p.engine.local import LocalEngine
+from halo_p2p.errors import HaloError
+from halo_p2p.node.library import ModelLibrary
+from halo_p2p.node.peer import NodeConfig, PeerNode
+from halo_p2p.node.swarm import open_swarm_engine
+from halo_p2p.sampling import SamplingParams
+from halo_p2p.session.coordinator import SessionOptions
+from halo_p2p.session.generate import Generator
+
+KEY = bytes(range(32))
+GREEDY = SamplingParams(temperature=0, max_tokens=20)
+
+
+@pytest.fixture
+async def peers():
+    net = MemoryNetwork()
+    library = ModelLibrary(["stories260K"])
+    nodes = [PeerNode(NodeConfig(peer_id=f"p{i}", name=f"peer{i}", address="127.0.0.1", swarm_key=KEY), library,
+                      MemoryDiscovery(net)) for i in range(3)]
+    for node in nodes:
+        await node.start()
+    yield nodes, next(iter(library.held.values())), net
+    for node in nodes:
+        await node.aclose()
+
+
+async def _generate(engine, tok, prompt: str) -> list[int]:
+    gen = Generator(engine, tok)
+    return [e.token_id async for e in gen.stream(tok.encode(prompt), GREEDY)]
+
+
+async def test_two_prompts_on_two_peers_at_once(peers) -> None:
+    nodes, held, _ = peers
+    tok = held.model.tokenizer
+    local = LocalEngine(held.model.source, max_seq_len=512)
+    want = [await _generate(local, tok, p) for p in ("Once upon a time", "The dog")]
+    await local.aclose()
+
+    async def prompt_on(node: PeerNode, text: str) -> list[int]:
+        engine = await open_swarm_engine(node, held, SessionOptions(mode="strict", wire_dtype="float32",
+                                                                     max_seq_len=512), wait_s=0.3, max_workers=2)
+        try:
+            assert len(engine.coordinator.plan.peers) == 3       # the prompt's peer coordinates, two work
+            return await _generate(engine, tok, text)
+        finally:
+            await engine.aclose()
+
+    async with asyncio.timeout(120):
+        got = await asyncio.gather(prompt_on(nodes[0], "Once upon a time"), prompt_on(nodes[1], "The dog"))
+    assert got == want
+    assert all(not n.sessions for n in nodes)                     # sessions ended with their links
+
+
+async def test_a_peer_without_the_model_is_left_out(peers) -> None:
+    nodes, held, net = peers
+    stranger = PeerNode(NodeConfig(peer_id="bare", name="bare", address="127.0.0.1", swarm_key=KEY),
+                        ModelLibrary([]), MemoryDiscovery(net))
+    await stranger.start()
+    try:
+        engine = await open_swarm_engine(nodes[0], held, SessionOptions(mode="strict", max_seq_len=512), wait_s=0.3)
+        try:
+            assert "bare" not in engine.coordinator.plan.peers   # it does not advertise the model
+        finally:
+            await engine.aclose()
+    finally:
+        await stranger.aclose()
+
+
+async def test_wrong_swarm_key_is_refused(peers) -> None:
+    nodes, held, _ = peers
+    outsider = PeerNode(NodeConfig(peer_id="out", name="out", address="127.0.0.1", swarm_key=bytes(32)),
+                        ModelLibrary(["stories260K"]), MemoryDiscovery(MemoryNetwork()))
+    await outsider.start()
+    outsider.discovery = nodes[0].discovery          # it sees the swarm, but holds another key
+    try:
+        with pytest.raises(HaloError, match="no peer holding"):
+            await open_swarm_engine(outsider, held, SessionOptions(mode="strict", max_seq_len=512), wait_s=0.3)
+        assert sum(n.signaling.stats["refused_auth"] for n in nodes) >= 2
+    finally:
+        await outsider.aclose()
