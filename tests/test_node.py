@@ -60,19 +60,31 @@ async def test_two_prompts_on_two_peers_at_once(peers) -> None:
     assert all(not n.sessions for n in nodes)                     # sessions ended with their links
 
 
-async def test_a_peer_without_the_model_is_left_out(peers) -> None:
+async def test_a_peer_without_the_model_gets_streamed_weights_once(peers, tmp_path, monkeypatch) -> None:
     nodes, held, net = peers
-    stranger = PeerNode(NodeConfig(peer_id="bare", name="bare", address="127.0.0.1", swarm_key=KEY),
-                        ModelLibrary([]), MemoryDiscovery(net))
-    await stranger.start()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))          # the bare peer's weight cache
+    tok = held.model.tokenizer
+    local = LocalEngine(held.model.source, max_seq_len=512)
+    want = await _generate(local, tok, "Once upon a time")
+    await local.aclose()
+    bare = PeerNode(NodeConfig(peer_id="bare", name="bare", address="127.0.0.1", swarm_key=KEY), ModelLibrary([]),
+                    MemoryDiscovery(net))
+    await bare.start()
+    streamed = []
     try:
-        engine = await open_swarm_engine(nodes[0], held, SessionOptions(mode="strict", max_seq_len=512), wait_s=0.3)
-        try:
-            assert "bare" not in engine.coordinator.plan.peers   # it does not advertise the model
-        finally:
-            await engine.aclose()
+        for _ in range(2):
+            engine = await open_swarm_engine(nodes[0], held, SessionOptions(mode="strict", wire_dtype="float32",
+                                                                             max_seq_len=512), wait_s=0.3)
+            try:
+                assert "bare" in engine.coordinator.plan.peers
+                assert await _generate(engine, tok, "Once upon a time") == want    # exact with streamed weights
+                streamed.append(sum(s.worker.counters["groups_streamed"] for s in bare.sessions.values()))
+            finally:
+                await engine.aclose()
     finally:
-        await stranger.aclose()
+        await bare.aclose()
+    assert streamed[0] > 0 and streamed[1] == 0                 # the second session read the disk cache
+    assert any((tmp_path / "halo-p2p" / "weights").rglob("*.npz"))
 
 
 async def test_wrong_swarm_key_is_refused(peers) -> None:

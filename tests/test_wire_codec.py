@@ -38,7 +38,7 @@ from halo_p2p.wire import (
     encode,
     max_payload_elems,
 )
-from halo_p2p.wire.messages import SignalAnswer, SignalOffer, SignalRefused
+from halo_p2p.wire.messages import GroupTensor, SignalAnswer, SignalOffer, SignalRefused, WeightsDone, WeightsWanted
 
 R = dataclasses.replace
 GOLDEN = Path(__file__).parent / "data" / "wire"
@@ -67,6 +67,10 @@ EXAMPLES: dict[type, Message] = {
                                offer_nonce="0123456789abcdef" * 2, sent_s=1767225600.5, sdp="v=0\r\n",
                                mac="cd" * 32),
     SignalRefused: SignalRefused(code="auth", reason="bad MAC"),
+    WeightsWanted: WeightsWanted(session=SESSION, groups=(0, 1, 5, 3, 0, 2)),
+    GroupTensor: GroupTensor(session=SESSION, layer=3, part=1, index=5, name="w2", rows=4, cols=2, offset=2,
+                             data=np.array([0.5, -1.0, 2.0], np.float32)),
+    WeightsDone: WeightsDone(session=SESSION),
 }
 
 
@@ -207,6 +211,15 @@ def random_message(rng: np.random.Generator) -> Message:
                    sdp=str(s) * 3, mac=str(rng.choice(["", hexes[2]])), **extra)
     if cls is SignalRefused:
         return SignalRefused(code=str(s), reason=str(s))
+    if cls is WeightsWanted:
+        triples = rng.integers(0, 30, 3 * int(rng.integers(1, 5)))
+        return WeightsWanted(session=u(), groups=tuple(int(x) for x in triples))
+    if cls is GroupTensor:
+        n = int(rng.integers(0, 40))
+        return GroupTensor(session=u(), layer=u(), part=int(rng.integers(0, 2)), index=u(), name="w3", rows=8, cols=8,
+                           offset=int(rng.integers(0, 64 - n + 1)), data=rng.standard_normal(n).astype(np.float32))
+    if cls is WeightsDone:
+        return WeightsDone(session=u())
     return cls(seq=u(), sent_s=float(rng.standard_normal() * 1e6))
 
 

@@ -79,7 +79,8 @@ class ChatApp:
         if coordinator is not None:
             steps = coordinator.records[self._first_record:][1:]        # decode steps of this reply
             skipped = sum(r.skipped for r in steps) / len(steps) if steps else 0.0
-            peers = f"{len(coordinator.plan.peers)} peers ({coordinator.options.mode}) · {skipped:.1f} skipped groups/token"
+            mode = coordinator.options.mode
+            peers = f"{len(coordinator.plan.peers)} peers ({mode}) · {skipped:.1f} skipped groups/token"
         return (f"[{self.model.name} · {peers} · {len(s.token_ids)} tokens · {speed} · {tpot} · "
                 f"first token {1000 * s.prefill_s:.0f} ms · "
                 f"context {used}/{self.generator.engine.max_seq_len}{full}]")

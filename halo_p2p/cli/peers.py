@@ -74,11 +74,15 @@ def _profile_config(args: argparse.Namespace) -> tuple[float, int]:
     return slowdown, budget
 
 
-async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix: str = "") -> PeerNode:
+async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix: str = "",
+                     observer: bool = False) -> PeerNode:
+    """Start this device's node; an ``observer`` (``halo-peer peers``) offers no memory, so no
+    coordinator uses it."""
     key = swarm_key(args)
     address = pick_address(args)
     peer_id = (args.peer_id if getattr(args, "peer_id", None) else load_peer_id()) + suffix
     slowdown, budget = _profile_config(args) if hasattr(args, "profile") else (1.0, 2 << 30)
+    budget = 0 if observer else budget
     config = NodeConfig(peer_id=peer_id, name=getattr(args, "name", None) or peer_id, address=address,
                         swarm_key=key, port=getattr(args, "port", 0), memory_budget_bytes=budget, slowdown=slowdown,
                         emulated_plr=getattr(args, "emulate_plr", 0.0))
@@ -134,7 +138,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
 
 
 async def cmd_peers(args: argparse.Namespace) -> int:
-    node = await start_node(args, ModelLibrary([]), suffix=f"-o{os.getpid()}")
+    node = await start_node(args, ModelLibrary([]), suffix=f"-o{os.getpid()}", observer=True)
     try:
         await asyncio.sleep(args.wait)
         peers = sorted(node.discovery.peers().values(), key=lambda p: p.name)

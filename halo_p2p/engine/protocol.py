@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from halo_p2p.model.config import ModelConfig
 
-__all__ = ["Engine", "GroupCompute", "TrunkCompute"]
+__all__ = ["Engine", "GroupCompute", "GroupWeights", "TrunkCompute"]
 
 
 class Engine(Protocol):
@@ -56,6 +56,15 @@ class GroupCompute(Protocol):
         ...
 
     def weight_bytes(self) -> int: ...
+
+
+class GroupWeights(Protocol):
+    """Weight slices of one neuron group by name (see :class:`halo_p2p.model.shard.GroupWeights`)."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def group(self, gid: Any) -> dict[str, np.ndarray]: ...
 
 
 class TrunkCompute(Protocol):

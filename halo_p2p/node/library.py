@@ -13,10 +13,12 @@ from typing import Any
 from halo_p2p.discovery import model_entry
 from halo_p2p.errors import HaloError, ModelNotFound
 from halo_p2p.groups import GroupLayout
+from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.loader import LoadedModel, open_model
 from halo_p2p.model.registry import KNOWN_MODELS, cache_dir, sha256_file
 from halo_p2p.model.shard import GroupShard, SliceWeights
-from halo_p2p.session.worker import ShardFactory
+from halo_p2p.node.weight_cache import DiskGroupCache
+from halo_p2p.session.worker import NeedWeights, ShardFactory
 
 __all__ = ["HeldModel", "ModelLibrary", "file_sha256"]
 
@@ -94,14 +96,28 @@ class ModelLibrary:
             HaloError: this peer does not hold the model (the coordinator then leaves it out).
         """
         held = self.find(sha256)
-        if held is None:
-            raise HaloError(f"this peer does not hold the model with sha256 {sha256[:16]}",
-                            "pull the model on this peer (halo-peer pull NAME) or pass --model to join")
-        source = held.model.source
-        layout = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
-        weights = SliceWeights(source, layout)
+        group_size = int(body["placement"]["mlp_group_size"])
+        if held is not None:
+            source = held.model.source
+            layout = GroupLayout.from_config(source.config, group_size)
+            weights = SliceWeights(source, layout)
 
-        def factory(groups: list, max_seq_len: int) -> GroupShard:
-            return GroupShard(weights, layout, groups, max_seq_len=max_seq_len)
+            def factory(groups: list, max_seq_len: int) -> GroupShard:
+                return GroupShard(weights, layout, groups, max_seq_len=max_seq_len)
 
-        return layout, factory
+            return layout, factory
+        try:
+            config = ModelConfig(**body["config"])
+        except (KeyError, TypeError) as exc:
+            raise HaloError(f"this peer does not hold the model with sha256 {sha256[:16]} and the plan carries "
+                            f"no model config ({exc})", "pull the model on this peer") from None
+        layout = GroupLayout.from_config(config, group_size)
+        cache = DiskGroupCache(sha256, config)
+
+        def from_cache(groups: list, max_seq_len: int) -> GroupShard:
+            missing = [g for g in groups if not cache.has(g)]
+            if missing:
+                raise NeedWeights(missing, cache.save)
+            return GroupShard(cache, layout, groups, max_seq_len=max_seq_len)
+
+        return layout, from_cache

@@ -35,13 +35,17 @@ log = logging.getLogger(__name__)
 
 
 async def wait_for_model_peers(node: PeerNode, held: HeldModel, *, wait_s: float, want: int | None) -> list[PeerInfo]:
-    """Peers that advertise ``held`` (by sha256 prefix), waiting up to ``wait_s`` seconds for ``want``."""
+    """Peers willing to compute (a memory budget), waiting up to ``wait_s`` seconds for ``want``.
+
+    Those holding ``held`` (same sha256) come first: they load their groups from their own file;
+    the others receive their groups' weights from the coordinator (and cache them).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while True:
-        found = [p for p in node.discovery.peers().values() if held.entry in p.models]
+        found = [p for p in node.discovery.peers().values() if p.memory_budget_bytes > 0]   # not observers
         if (want is not None and len(found) >= want) or loop.time() >= deadline:
-            return sorted(found, key=lambda p: p.peer_id)
+            return sorted(found, key=lambda p: (held.entry not in p.models, p.peer_id))
         await asyncio.sleep(0.1)
 
 
@@ -124,7 +128,7 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
             local = await node.compute.run(GroupShard, weights, layout, own, max_seq_len=options.max_seq_len)
         coordinator = Coordinator(trunk=trunk, local=local, compute=node.compute, links={p: links[p] for p in alive},
                                   plan=plan, options=options, criticality=criticality,
-                                  model_sha256=held.sha256, session=session)
+                                  model_sha256=held.sha256, session=session, weights=weights)
         try:
             await coordinator.start()
         except BaseException:

@@ -18,6 +18,7 @@ Reference: HALO (Zheng et al., INFOCOM 2026, arXiv 2601.11676), relaxed synchron
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections import Counter, OrderedDict
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from halo_p2p.engine.compute import ComputeThread
-from halo_p2p.engine.protocol import GroupCompute, TrunkCompute
+from halo_p2p.engine.protocol import GroupCompute, GroupWeights, TrunkCompute
 from halo_p2p.errors import LinkClosed, PeerLost, TransportError, WireError
-from halo_p2p.groups import PARTS
+from halo_p2p.groups import PARTS, GroupId
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
@@ -37,7 +38,19 @@ from halo_p2p.session.criticality import AllCritical, CriticalityPolicy
 from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint
 from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import split_ranges
-from halo_p2p.wire.messages import ErrorReply, LayerInput, NeedInput, Partial, Plan, PlanReady, Resend, Reset
+from halo_p2p.wire.messages import (
+    ErrorReply,
+    GroupTensor,
+    LayerInput,
+    NeedInput,
+    Partial,
+    Plan,
+    PlanReady,
+    Resend,
+    Reset,
+    WeightsDone,
+    WeightsWanted,
+)
 
 __all__ = ["RELIABLE_CHUNK_BYTES", "Coordinator", "SessionOptions"]
 
@@ -98,16 +111,18 @@ class Coordinator:
         criticality: which groups must not be skipped (``halo`` mode).
         model_sha256: identifies the model to the workers.
         session: session id.
+        weights: group weight slices to stream to workers that lack the model file (optional).
     """
 
     def __init__(self, *, trunk: TrunkCompute, local: GroupCompute | None, compute: ComputeThread,
                  links: Mapping[str, Link], plan: PlacementPlan, options: SessionOptions,
                  criticality: CriticalityPolicy | None = None, model_sha256: str = "0" * 64,
-                 session: int = 1) -> None:
+                 session: int = 1, weights: GroupWeights | None = None) -> None:
         self.trunk, self.local, self.compute = trunk, local, compute
         self.links = dict(links)
         self.plan, self.options, self.session = plan, options, session
         self.model_sha256 = model_sha256
+        self.weights = weights
         layout = plan.layout
         self.criticality = criticality or AllCritical({p: layout.n_groups(p) for p in PARTS})
         missing = set(plan.workers()) - set(self.links)
@@ -147,7 +162,7 @@ class Coordinator:
         for peer, link in self.links.items():
             self._tasks.append(asyncio.create_task(self._receive(peer, link), name=f"recv-{peer}"))
         body = {"placement": self.plan.to_dict(), "max_seq_len": self.options.max_seq_len,
-                "n_parity": self._n_parity}
+                "n_parity": self._n_parity, "config": dataclasses.asdict(self.trunk.config)}
         msg = Plan(session=self.session, model_sha256=self.model_sha256, plan=body,
                    wire_dtype=self.options.wire_dtype, mode=self.options.mode)  # type: ignore[arg-type]
         for peer in self.plan.workers():
@@ -358,6 +373,9 @@ class Coordinator:
                     sp.retried.add(peer)
                 channel, frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), (self._channel, []))
                 await self._send_all(peer, channel, frames)
+            elif isinstance(msg, WeightsWanted):
+                if msg.session == self.session:
+                    self._tasks.append(asyncio.create_task(self._stream_weights(peer, msg.groups)))
             elif isinstance(msg, PlanReady):
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():
@@ -370,6 +388,31 @@ class Coordinator:
                     fut.set_exception(PeerLost([peer]))
             else:
                 self.counters["unexpected"] += 1
+
+    async def _stream_weights(self, peer: str, flat: tuple[int, ...]) -> None:
+        """Send the weight slices of the groups ``peer`` asked for, then :class:`WeightsDone`."""
+        if self.weights is None:
+            await self._send(peer, Channel.RELIABLE, codec.encode(ErrorReply(
+                code="no-weights", message="this coordinator cannot stream weights")))
+            return
+        sent = 0
+        per_chunk = RELIABLE_CHUNK_BYTES // 4
+        for i in range(0, len(flat), 3):
+            gid = GroupId(flat[i], flat[i + 1], flat[i + 2])
+            if not self.plan.layout.contains(gid) or self.plan.owner.get(gid) != peer:
+                self.counters["bad_weight_requests"] += 1
+                continue
+            tensors = await self.compute.run(self.weights.group, gid)
+            for name, array in tensors.items():
+                rows, cols = array.shape
+                flat_values = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+                for a in range(0, flat_values.size, per_chunk):
+                    await self._send(peer, Channel.RELIABLE, codec.encode(GroupTensor(
+                        session=self.session, layer=gid.layer, part=gid.part, index=gid.index, name=name,  # type: ignore[arg-type]
+                        rows=rows, cols=cols, offset=a, data=flat_values[a:a + per_chunk])))
+                    sent += flat_values[a:a + per_chunk].nbytes
+        await self._send(peer, Channel.RELIABLE, codec.encode(WeightsDone(session=self.session)))
+        log.info("streamed %.1f MB of group weights to %s", sent / 1e6, peer)
 
     def _on_partial(self, peer: str, msg: Partial, now: float) -> None:
         if msg.session != self.session:

@@ -25,14 +25,16 @@ from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.protocol import GroupCompute
 from halo_p2p.errors import HaloError, LinkClosed, WireError
 from halo_p2p.groups import GroupId, GroupLayout
+from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import RELIABLE_CHUNK_BYTES
 from halo_p2p.wire import codec, fec
-from halo_p2p.wire.chunks import chunk_ranges, split_ranges
+from halo_p2p.wire.chunks import Reassembly, chunk_ranges, split_ranges
 from halo_p2p.wire.messages import (
     Bye,
     ErrorReply,
+    GroupTensor,
     LayerInput,
     NeedInput,
     Partial,
@@ -40,9 +42,11 @@ from halo_p2p.wire.messages import (
     PlanReady,
     Resend,
     Reset,
+    WeightsDone,
+    WeightsWanted,
 )
 
-__all__ = ["ModelOpener", "ShardFactory", "Worker"]
+__all__ = ["ModelOpener", "NeedWeights", "ShardFactory", "Worker"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,19 @@ ModelOpener = Callable[[str, Mapping[str, Any]], tuple[GroupLayout, ShardFactory
 """Opens the model a :class:`Plan` names (by sha256; the plan body carries the group layout):
 returns its layout and a shard factory, or raises :class:`~halo_p2p.errors.HaloError` (the
 worker replies :class:`ErrorReply`). Runs on the compute thread."""
+
+class NeedWeights(HaloError):
+    """Raised by a shard factory of a peer without the model file: these groups must be streamed.
+
+    Attributes:
+        groups: the groups whose weights are missing.
+        store: ``store(group, tensors)`` keeps one streamed group (called on the compute thread).
+    """
+
+    def __init__(self, groups: list[GroupId], store: Callable[[GroupId, dict[str, np.ndarray]], None]) -> None:
+        super().__init__(f"{len(groups)} group(s) must be streamed from the coordinator")
+        self.groups, self.store = groups, store
+
 
 _KEEP_RESULTS = 8
 _INPUT_GAP_S = 0.02   # an incomplete input silent this long has lost chunks
@@ -92,6 +109,8 @@ class Worker:
         self._results: OrderedDict[tuple[int, int, int], list[list[bytes]]] = OrderedDict()
         self._channels: dict[tuple[int, int, int], Channel] = {}
         self._checks: dict[tuple[int, int, int], asyncio.TimerHandle] = {}
+        self._pending: tuple[Plan, NeedWeights] | None = None     # a plan waiting for streamed weights
+        self._streamed: dict[GroupId, dict[str, Reassembly]] = {}
         self._latest: tuple[int, int, int] = (-1, -1, -1)   # newest sync point computed
         self._queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
         self.counters: Counter[str] = Counter()
@@ -117,6 +136,12 @@ class Worker:
                     await self._on_resend(msg)
                 elif isinstance(msg, Plan):
                     await self._on_plan(msg)
+                elif isinstance(msg, GroupTensor):
+                    await self._on_group_tensor(msg)
+                elif isinstance(msg, WeightsDone):
+                    if self._pending is not None and msg.session == self._pending[0].session:
+                        plan, self._pending = self._pending[0], None
+                        await self._on_plan(plan)
                 elif isinstance(msg, Reset):
                     self._inputs.clear()
                     self._results.clear()
@@ -138,7 +163,13 @@ class Worker:
             plan = PlacementPlan.from_dict(body["placement"], layout)
             max_seq_len = int(body["max_seq_len"])
             groups = plan.groups_of(self.peer_id)
-            self.shard = await self.compute.run(factory, groups, max_seq_len)
+            try:
+                self.shard = await self.compute.run(factory, groups, max_seq_len)
+            except NeedWeights as need:
+                self._await_weights(msg, need)
+                flat = tuple(v for g in need.groups for v in (g.layer, g.part, g.index))
+                await self.link.send(Channel.RELIABLE, codec.encode(WeightsWanted(session=msg.session, groups=flat)))
+                return
             self.layout = layout
         except (HaloError, KeyError, TypeError, ValueError) as exc:
             self.counters["bad_plan"] += 1
@@ -154,6 +185,38 @@ class Worker:
         ready = PlanReady(session=msg.session, weight_bytes=self.shard.weight_bytes(),
                           load_s=time.perf_counter() - t0)
         await self.link.send(Channel.RELIABLE, codec.encode(ready))
+
+    def _await_weights(self, plan: Plan, need: NeedWeights) -> None:
+        self._pending = (plan, need)
+        self._streamed = {}
+        self.counters["weights_wanted"] += len(need.groups)
+
+    async def _on_group_tensor(self, msg: GroupTensor) -> None:
+        if self._pending is None or msg.session != self._pending[0].session:
+            self.counters["stale"] += 1
+            return
+        gid = GroupId(msg.layer, msg.part, msg.index)
+        parts = self._streamed.setdefault(gid, {})
+        try:
+            piece = parts.setdefault(msg.name, Reassembly(msg.rows * msg.cols, msg.data.dtype))
+            piece.add(msg.offset, msg.data)
+        except WireError:
+            self.counters["malformed"] += 1
+            return
+        names = ("wq", "wk", "wv", "wo") if gid.part == 0 else ("w1", "w3", "w2")
+        if all(n in parts and parts[n].complete for n in names):
+            shapes = self._shapes(gid)
+            tensors = {n: parts[n].array.astype(np.float32).reshape(shapes[n]) for n in names}
+            del self._streamed[gid]
+            await self.compute.run(self._pending[1].store, gid, tensors)
+            self.counters["groups_streamed"] += 1
+
+    def _shapes(self, gid: GroupId) -> dict[str, tuple[int, int]]:
+        c = ModelConfig(**self._pending[0].plan["config"])  # type: ignore[index]
+        width = c.q_per_kv * c.head_dim
+        g = int(self._pending[0].plan["placement"]["mlp_group_size"])  # type: ignore[index]
+        return {"wq": (width, c.dim), "wk": (c.head_dim, c.dim), "wv": (c.head_dim, c.dim), "wo": (c.dim, width),
+                "w1": (g, c.dim), "w3": (g, c.dim), "w2": (c.dim, g)}
 
     def _on_input(self, msg: LayerInput) -> None:
         key = (msg.step, msg.layer, msg.part)

@@ -39,6 +39,7 @@ __all__ = [
     "Bye",
     "Dtypes",
     "ErrorReply",
+    "GroupTensor",
     "Heartbeat",
     "HeartbeatAck",
     "LayerInput",
@@ -54,6 +55,8 @@ __all__ = [
     "SignalAnswer",
     "SignalOffer",
     "SignalRefused",
+    "WeightsDone",
+    "WeightsWanted",
     "WireArray",
 ]
 
@@ -390,6 +393,69 @@ def _check_signal(nonce: str, mac: str, sent_s: float) -> str | None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class WeightsWanted(_Base):
+    """Worker -> coordinator: this peer lacks the model file; stream these groups' weights.
+
+    Attributes:
+        session: the session of the :class:`Plan`.
+        groups: flat ``(layer, part, index)`` triples of the groups to send (length a multiple of 3).
+    """
+
+    KIND: ClassVar[int] = 15
+    RELIABLE: ClassVar[bool] = True
+
+    session: int
+    groups: tuple[int, ...]
+
+    def check(self) -> str | None:
+        if self.groups and len(self.groups) % 3 == 0:
+            return None
+        return "groups must be non-empty (layer, part, index) triples"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class GroupTensor(_Base):
+    """Coordinator -> worker: a slice of one weight matrix of one group (see ``groups.py``).
+
+    Attributes:
+        session: the session of the :class:`Plan`.
+        layer, part, index: the group.
+        name: ``wq``/``wk``/``wv``/``wo`` (attention) or ``w1``/``w3``/``w2`` (MLP).
+        rows, cols: the matrix's shape (``wo`` and ``w2`` are column slices: ``(dim, width)``).
+        offset: first element (row-major flat index) of ``data``.
+        data: 1-D float32 (or float16) elements ``[offset, offset + len(data))``.
+    """
+
+    KIND: ClassVar[int] = 16
+    RELIABLE: ClassVar[bool] = True
+
+    session: int
+    layer: int
+    part: Part
+    index: int
+    name: Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+    rows: int
+    cols: int
+    offset: int
+    data: Activations
+
+    def check(self) -> str | None:
+        if self.offset + self.data.size > self.rows * self.cols:
+            return f"elements [{self.offset}, {self.offset + self.data.size}) exceed {self.rows}x{self.cols}"
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class WeightsDone(_Base):
+    """Coordinator -> worker: every :class:`GroupTensor` asked for has been sent."""
+
+    KIND: ClassVar[int] = 17
+    RELIABLE: ClassVar[bool] = True
+
+    session: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class SignalOffer(_Base):
     """Connecting peer -> listening peer, on the signaling TCP stream: an SDP offer.
 
@@ -474,12 +540,13 @@ class SignalRefused(_Base):
 
 
 Message = (LayerInput | Partial | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
-           | Heartbeat | HeartbeatAck | SignalOffer | SignalAnswer | SignalRefused)
+           | Heartbeat | HeartbeatAck | WeightsWanted | GroupTensor | WeightsDone | SignalOffer | SignalAnswer
+           | SignalRefused)
 """Every message kind; dispatch with ``match`` and ``assert_never``."""
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     LayerInput, Partial, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
-    HeartbeatAck, SignalOffer, SignalAnswer, SignalRefused,
+    HeartbeatAck, WeightsWanted, GroupTensor, WeightsDone, SignalOffer, SignalAnswer, SignalRefused,
 )
 """Every message class, in KIND order."""
 
