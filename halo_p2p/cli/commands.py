@@ -144,6 +144,10 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
         "plr": args.plr if emulated else None, "delay_ms": args.delay_ms if emulated else None,
         "peer_ids": list(coordinator.plan.peers),
         "weight_bytes": engine.weight_bytes() if emulated else None, "counters": dict(coordinator.counters),
+        "link_bytes": {peer: {"sent": link.stats.reliable.bytes_sent + link.stats.unreliable.bytes_sent,
+                              "received": link.stats.reliable.bytes_delivered + link.stats.unreliable.bytes_delivered,
+                              "rtt_ms": link.stats.rtt_ms, "measured_plr": link.stats.measured_plr}
+                       for peer, link in coordinator.links.items()},
         "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
         "mean_skipped_groups": sum(r["skipped_groups"] for r in decode) / len(decode),
         "per_token": records,

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=256,
                    help="tokens per forward pass; 1 scores like decoding (relaxed sync applies)")
     _split_args(p)
+    _swarm_args(p)
 
     p = sub.add_parser("chat", help="chat in the terminal")
     _model_args(p, "smollm2-135m-instruct")
