@@ -8,6 +8,7 @@ import logging
 from rich.console import Console
 from rich.text import Text
 
+from halo_p2p.cli.spark import sparkline
 from halo_p2p.errors import HaloError
 from halo_p2p.model.chat import Message
 from halo_p2p.model.loader import LoadedModel
@@ -75,13 +76,15 @@ class ChatApp:
         used = s.prompt_tokens + len(s.token_ids)
         full = " · stopped: context full, /reset" if s.stop_reason == "context" else ""
         peers = "1 peer"
+        tpot_spark = sparkline([1000 * d for d in s.decode_s], floor=None)
         coordinator = getattr(self.generator.engine, "coordinator", None)
         if coordinator is not None:
             steps = coordinator.records[self._first_record:][1:]        # decode steps of this reply
             skipped = sum(r.skipped for r in steps) / len(steps) if steps else 0.0
             mode = coordinator.options.mode
-            peers = f"{len(coordinator.plan.peers)} peers ({mode}) · {skipped:.1f} skipped groups/token"
-        return (f"[{self.model.name} · {peers} · {len(s.token_ids)} tokens · {speed} · {tpot} · "
+            peers = (f"{len(coordinator.plan.peers)} peers ({mode}) · {skipped:.1f} skipped groups/token "
+                     f"{sparkline([r.skipped for r in steps])}")
+        return (f"[{self.model.name} · {peers} · {len(s.token_ids)} tokens · {speed} · {tpot} {tpot_spark} · "
                 f"first token {1000 * s.prefill_s:.0f} ms · "
                 f"context {used}/{self.generator.engine.max_seq_len}{full}]")
 

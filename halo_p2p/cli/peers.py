@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from halo_p2p.cli.spark import sparkline
 from halo_p2p.discovery import CombinedDiscovery, Discovery, StaticDiscovery
 from halo_p2p.discovery.mdns import MdnsDiscovery, interface_addresses
 from halo_p2p.engine.protocol import Engine
@@ -99,7 +100,8 @@ def status_table(node: PeerNode) -> Table:
     st = node.status()
     table = Table(title=f"halo-peer {st['name']} ({st['peer_id']}) at {st['address']}:{st['port']}",
                   caption=f"models: {', '.join(st['models']) or '-'} · refused offers: {st['refused'] or 0}")
-    for col in ("peer", "address", "role", "models", "GFLOP/s", "groups", "RTT ms", "loss", "bytes out/in"):
+    for col in ("peer", "address", "role", "models", "GFLOP/s", "groups", "RTT ms", "loss", "bytes out/in",
+                "TPOT ms (last tokens)"):
         table.add_column(col)
     served = {s["coordinator"]: s for s in st["served"]}
     for p in st["peers"]:
@@ -111,12 +113,14 @@ def status_table(node: PeerNode) -> Table:
     return table
 
 
-def _served(s: dict | None) -> tuple[str, str, str, str]:
+def _served(s: dict | None) -> tuple[str, str, str, str, str]:
     if s is None:
-        return "-", "-", "-", "-"
+        return "-", "-", "-", "-", "-"
     rtt = f"{s['rtt_ms']:.1f}" if s["rtt_ms"] is not None else "-"
     plr = f"{100 * s['plr']:.1f} %" if s["plr"] is not None else "-"
-    return str(s["groups"]), rtt, plr, f"{s['bytes_sent'] / 1e6:.1f}/{s['bytes_received'] / 1e6:.1f} MB"
+    tpot = s["tpot_ms"]
+    spark = f"{tpot[-1]:.0f} {sparkline(tpot, floor=None)}" if tpot else "-"
+    return str(s["groups"]), rtt, plr, f"{s['bytes_sent'] / 1e6:.1f}/{s['bytes_received'] / 1e6:.1f} MB", spark
 
 
 async def cmd_join(args: argparse.Namespace) -> int:

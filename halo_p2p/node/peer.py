@@ -182,7 +182,8 @@ class PeerNode:
                            "rtt_ms": st.rtt_ms, "jitter_ms": st.jitter_ms, "plr": st.measured_plr,
                            "bytes_sent": st.reliable.bytes_sent + st.unreliable.bytes_sent,
                            "bytes_received": st.reliable.bytes_delivered + st.unreliable.bytes_delivered,
-                           "counters": dict(s.worker.counters)})
+                           "counters": dict(s.worker.counters),
+                           "tpot_ms": [1000 * t for t in s.worker.step_intervals_s]})
         return {"peer_id": self.peer_id, "name": self.config.name, "address": self.config.address,
                 "port": self.signaling.port, "models": list(self.library.entries()),
                 "peers": sorted(self.discovery.peers().values(), key=lambda p: p.name),

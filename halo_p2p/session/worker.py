@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +114,8 @@ class Worker:
         self._latest: tuple[int, int, int] = (-1, -1, -1)   # newest sync point computed
         self._queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
         self.counters: Counter[str] = Counter()
+        self.step_intervals_s: deque[float] = deque(maxlen=64)   # time between steps (TPOT seen here)
+        self._last_step: tuple[int, float] = (-1, 0.0)
 
     async def run(self) -> None:
         """Serve until the link closes or the coordinator says Bye."""
@@ -220,6 +222,11 @@ class Worker:
 
     def _on_input(self, msg: LayerInput) -> None:
         key = (msg.step, msg.layer, msg.part)
+        if msg.step > self._last_step[0] and msg.n_tokens == 1:
+            now = time.monotonic()
+            if self._last_step[0] >= 0:
+                self.step_intervals_s.append(now - self._last_step[1])
+            self._last_step = (msg.step, now)
         if msg.session != self.session or self.shard is None:
             self.counters["stale"] += 1
             return
