@@ -46,8 +46,8 @@ async def test_two_prompts_on_two_peers_at_once(peers) -> None:
     await local.aclose()
 
     async def prompt_on(node: PeerNode, text: str) -> list[int]:
-        engine = await open_swarm_engine(node, held, SessionOptions(mode="strict", wire_dtype="float32",
-                                                                     max_seq_len=512), wait_s=0.3, max_workers=2)
+        options = SessionOptions(mode="strict", wire_dtype="float32", max_seq_len=512)
+        engine = await open_swarm_engine(node, held, options, wait_s=0.3, max_workers=2, planner="split")
         try:
             assert len(engine.coordinator.plan.peers) == 3       # the prompt's peer coordinates, two work
             return await _generate(engine, tok, text)
@@ -73,8 +73,8 @@ async def test_a_peer_without_the_model_gets_streamed_weights_once(peers, tmp_pa
     streamed = []
     try:
         for _ in range(2):
-            engine = await open_swarm_engine(nodes[0], held, SessionOptions(mode="strict", wire_dtype="float32",
-                                                                             max_seq_len=512), wait_s=0.3)
+            options = SessionOptions(mode="strict", wire_dtype="float32", max_seq_len=512)
+            engine = await open_swarm_engine(nodes[0], held, options, wait_s=0.3, planner="split")
             try:
                 assert "bare" in engine.coordinator.plan.peers
                 assert await _generate(engine, tok, "Once upon a time") == want    # exact with streamed weights
@@ -95,7 +95,8 @@ async def test_wrong_swarm_key_is_refused(peers) -> None:
     outsider.discovery = nodes[0].discovery          # it sees the swarm, but holds another key
     try:
         with pytest.raises(HaloError, match="no peer holding"):
-            await open_swarm_engine(outsider, held, SessionOptions(mode="strict", max_seq_len=512), wait_s=0.3)
+            await open_swarm_engine(outsider, held, SessionOptions(mode="strict", max_seq_len=512), wait_s=0.3,
+                                    planner="split")
         assert sum(n.signaling.stats["refused_auth"] for n in nodes) >= 2
     finally:
         await outsider.aclose()

@@ -85,7 +85,7 @@ def test_strict_swarm_generation_equals_local(env, loopback_swarm, tmp_path) -> 
             "--max-tokens", "12", "--json")
     local = _halo(env, *args, "--local")
     swarm = _halo(_peer_env(env, tmp_path, "coordinator"), *args, "--sync", "strict", "--interface", "lo",
-                  "--wire-dtype", "float32")
+                  "--wire-dtype", "float32", "--planner", "split")
     assert local.returncode == 0, local.stderr
     assert swarm.returncode == 0, swarm.stderr
     want, got = json.loads(local.stdout), json.loads(swarm.stdout)
@@ -111,7 +111,8 @@ async def _netns_run(env: dict[str, str], tmp: Path, plr: float) -> dict[str, di
         for mode in ("strict", "halo"):
             proc = await lan.spawn(0, [sys.executable, "-m", "halo_p2p", "generate", "--model",
                                        "smollm2-135m-instruct", "--chat", "--prompt", QUESTION, "--temperature", "0",
-                                       "--max-tokens", "10", "--json", "--sync", mode, "--address", lan.address(0),
+                                       "--max-tokens", "10", "--json", "--sync", mode, "--planner", "split",
+                                       "--address", lan.address(0),
                                        "--wait-peers", "4"],
                                    env=_peer_env(env, tmp, f"coord-{mode}"), stdout=asyncio.subprocess.PIPE,
                                    stderr=asyncio.subprocess.PIPE)

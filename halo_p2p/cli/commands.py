@@ -127,8 +127,9 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
         profiles.append(PeerProfile(name="coordinator" if i == 0 else f"worker{i}", share=shares[i], link=link))
     ctx = args.ctx or min(model.source.config.max_seq_len, 2048)
     options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
+    planner = "split" if args.shares else args.planner
     return await start_emulated_swarm(model.source, profiles, options, mlp_group_size=args.mlp_group_size,
-                                      critical_fraction=args.critical_fraction, seed=args.link_seed)
+                                      critical_fraction=args.critical_fraction, seed=args.link_seed, planner=planner)
 
 
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.engine.probe import measure_gflops
 from halo_p2p.groups import PARTS, GroupLayout
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.shard import GroupShard, Trunk, mlp_group_scores
@@ -23,6 +24,7 @@ from halo_p2p.model.source import TensorSource
 from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.net.memory import memory_link_pair
 from halo_p2p.plan import PlacementPlan
+from halo_p2p.scheduler import UNLIMITED_BYTES, GroupStats, PeerModel, schedule_for_layout
 from halo_p2p.session.coordinator import Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
 from halo_p2p.session.replan import ReplanningEngine
@@ -42,12 +44,14 @@ class PeerProfile:
         share: relative share of the neuron groups (uneven shares allowed; 0 holds none).
         slowdown: compute slowdown factor (1 = this machine's speed).
         link: conditions of its link to the coordinator, each direction (ignored for the coordinator).
+        memory_budget_bytes: memory for weights (the scheduler respects it; ``None``: unlimited).
     """
 
     name: str
     share: float = 1.0
     slowdown: float = 1.0
     link: LinkConditions = field(default_factory=LinkConditions)
+    memory_budget_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -102,7 +106,8 @@ class EmulatedSwarm:
 
 async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile], options: SessionOptions, *,
                                mlp_group_size: int | None = None, critical: str = "static",
-                               critical_fraction: float = 0.5, seed: int = 0) -> EmulatedSwarm:
+                               critical_fraction: float = 0.5, seed: int = 0, planner: str = "split",
+                               compute_gflops: float | None = None) -> EmulatedSwarm:
     """Start ``peers`` (the first is the coordinator) and send them the plan.
 
     Args:
@@ -113,6 +118,10 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
         critical: ``"static"`` (attention + top MLP groups by weight score) or ``"all"``.
         critical_fraction: share of MLP groups that are critical under ``"static"``.
         seed: base seed of the links' loss and jitter.
+        planner: ``"split"`` (contiguous groups by ``share``) or ``"schedule"`` (the load-balancing
+            scheduler of :mod:`halo_p2p.scheduler`, from each peer's compute rate, memory budget
+            and link conditions).
+        compute_gflops: this machine's rate for the scheduler (default: measured once).
     """
     layout = GroupLayout.from_config(source.config, mlp_group_size)
     names = [p.name for p in peers]
@@ -121,8 +130,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
     coordinator_thread = threads[0]
     trunk = await coordinator_thread.run(Trunk, source)
     criticality: CriticalityPolicy
-    if critical == "static":
-        scores = await coordinator_thread.run(mlp_group_scores, source, layout)
+    scores = await coordinator_thread.run(mlp_group_scores, source, layout) if critical == "static" else None
+    if scores is not None:
         criticality = StaticRule(scores, layout.n_attn, critical_fraction)
     else:
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
@@ -140,16 +149,32 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
         workers.append(worker)
         tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
 
+    profiles = {p.name: p for p in peers}
+    stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if critical == "static"
+             else GroupStats.default(layout))
+    rate = compute_gflops or (await asyncio.to_thread(measure_gflops) if planner == "schedule" else 1.0)
+
     async def factory(lost: frozenset[str], session: int) -> Coordinator:
         alive = [n for n in names if n not in lost]
-        plan = PlacementPlan.split(layout, alive, coordinator=names[0], shares=[shares[n] for n in alive])
+        deadlines: dict[str, float] | None = None
+        if planner == "schedule":
+            models = [PeerModel.from_gflops(
+                n, rate / profiles[n].slowdown, memory_budget_bytes=profiles[n].memory_budget_bytes or UNLIMITED_BYTES,
+                rtt_ms=2000 * profiles[n].link.delay_s if n != names[0] else 0.0,
+                jitter_ms=1000 * profiles[n].link.jitter_s if n != names[0] else 0.0,
+                plr=profiles[n].link.plr if n != names[0] else 0.0, is_coordinator=n == names[0]) for n in alive]
+            sched = schedule_for_layout(layout, models, stats=stats, coordinator_fixed_bytes=trunk.weight_bytes())
+            plan = sched.plan
+            deadlines = {p: max(0.02, 2 * d) for p, d in sched.deadline_s.items()}
+        else:
+            plan = PlacementPlan.split(layout, alive, coordinator=names[0], shares=[shares[n] for n in alive])
         own = plan.groups_of(names[0])
         local = None
         if own:
             local = await coordinator_thread.run(GroupShard, source, layout, own, max_seq_len=options.max_seq_len)
         coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread,
                                   links={n: links[n] for n in alive[1:]}, plan=plan, options=options,
-                                  criticality=criticality, session=session)
+                                  criticality=criticality, session=session, initial_deadlines=deadlines)
         await coordinator.start()
         return coordinator
 

@@ -25,6 +25,7 @@ from halo_p2p.net.signaling import connect
 from halo_p2p.node.library import HeldModel
 from halo_p2p.node.peer import PeerNode
 from halo_p2p.plan import PlacementPlan
+from halo_p2p.scheduler import GroupStats, peer_models_from, schedule_for_layout
 from halo_p2p.session.coordinator import Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
 from halo_p2p.session.replan import ReplanningEngine
@@ -80,8 +81,12 @@ class SwarmEngine:
 
 async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOptions, *, wait_s: float = 3.0,
                             max_workers: int | None = None, critical_fraction: float = 0.5,
-                            connect_timeout_s: float = 10.0) -> SwarmEngine:
+                            connect_timeout_s: float = 10.0, planner: str = "schedule") -> SwarmEngine:
     """Connect to the peers holding ``held`` and start a session over them.
+
+    ``planner="schedule"`` places groups with the load-balancing scheduler (peers' measured
+    compute rates and memory budgets, links' heartbeat RTT/jitter/PLR, the criticality
+    statistics); ``"split"`` shares groups by compute rate only.
 
     Raises:
         HaloError: no peer holding the model answered (run locally instead).
@@ -109,26 +114,39 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
     layout = GroupLayout.from_config(source.config)
     trunk = await node.compute.run(Trunk, source)
     criticality: CriticalityPolicy
-    if options.mode == "halo":
-        scores = await node.compute.run(mlp_group_scores, source, layout)
+    scores = await node.compute.run(mlp_group_scores, source, layout) if options.mode == "halo" else None
+    if scores is not None:
         criticality = StaticRule(scores, layout.n_attn, critical_fraction)
     else:
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
     own_rate = node.info.compute_gflops if node.info else 1.0
     weights = SliceWeights(source, layout)
 
+    stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if options.mode == "halo"
+             else GroupStats.default(layout))
+
     async def factory(lost: frozenset[str], session: int) -> Coordinator:
         alive = [pid for pid in links if pid not in lost and not links[pid].closed]
         names = [cfg.peer_id, *alive]
-        shares = [own_rate, *(max(infos[p].compute_gflops, 0.1) for p in alive)]
-        plan = PlacementPlan.split(layout, names, coordinator=cfg.peer_id, shares=shares)
+        deadlines = None
+        if planner == "schedule" and node.info is not None:
+            models = peer_models_from([node.info, *(infos[p] for p in alive)], {p: links[p].stats for p in alive},
+                                      coordinator=cfg.peer_id)
+            sched = await asyncio.to_thread(schedule_for_layout, layout, models, stats=stats,
+                                            coordinator_fixed_bytes=trunk.weight_bytes())
+            plan, deadlines = sched.plan, {p: max(0.02, 2 * d) for p, d in sched.deadline_s.items()}
+            log.info("scheduled: expected TPOT %.1f ms", 1000 * sched.expected_tpot_s)
+        else:
+            shares = [own_rate, *(max(infos[p].compute_gflops, 0.1) for p in alive)]
+            plan = PlacementPlan.split(layout, names, coordinator=cfg.peer_id, shares=shares)
         own = plan.groups_of(cfg.peer_id)
         local = None
         if own:
             local = await node.compute.run(GroupShard, weights, layout, own, max_seq_len=options.max_seq_len)
         coordinator = Coordinator(trunk=trunk, local=local, compute=node.compute, links={p: links[p] for p in alive},
                                   plan=plan, options=options, criticality=criticality,
-                                  model_sha256=held.sha256, session=session, weights=weights)
+                                  model_sha256=held.sha256, session=session, weights=weights,
+                                  initial_deadlines=deadlines)
         try:
             await coordinator.start()
         except BaseException:

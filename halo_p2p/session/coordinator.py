@@ -112,12 +112,15 @@ class Coordinator:
         model_sha256: identifies the model to the workers.
         session: session id.
         weights: group weight slices to stream to workers that lack the model file (optional).
+        initial_deadlines: per-worker deadline (seconds) until response times are measured, e.g.
+            the scheduler's estimate (default ``options.initial_deadline_s``).
     """
 
     def __init__(self, *, trunk: TrunkCompute, local: GroupCompute | None, compute: ComputeThread,
                  links: Mapping[str, Link], plan: PlacementPlan, options: SessionOptions,
                  criticality: CriticalityPolicy | None = None, model_sha256: str = "0" * 64,
-                 session: int = 1, weights: GroupWeights | None = None) -> None:
+                 session: int = 1, weights: GroupWeights | None = None,
+                 initial_deadlines: Mapping[str, float] | None = None) -> None:
         self.trunk, self.local, self.compute = trunk, local, compute
         self.links = dict(links)
         self.plan, self.options, self.session = plan, options, session
@@ -130,8 +133,9 @@ class Coordinator:
             raise TransportError(f"no link to plan worker(s) {sorted(missing)}", "connect every worker first")
         self._channel = Channel.RELIABLE if options.mode == "strict" else Channel.UNRELIABLE   # decode steps
         self._n_parity = options.n_parity if options.mode == "halo" else 0
-        self._timers = {(p, part): ResponseTimer(initial_s=options.initial_deadline_s, k=options.deadline_k,
-                                                 floor_s=options.deadline_floor_s)
+        first = dict(initial_deadlines or {})
+        self._timers = {(p, part): ResponseTimer(initial_s=first.get(p, options.initial_deadline_s),
+                                                 k=options.deadline_k, floor_s=options.deadline_floor_s)
                         for p in self.links for part in PARTS}
         self._recent: OrderedDict[tuple[int, int, int], SyncPoint] = OrderedDict()
         self._inputs: dict[tuple[str, int, int, int], tuple[Channel, list[bytes]]] = {}
