@@ -129,7 +129,8 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
     options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
     planner = "split" if args.shares else args.planner
     return await start_emulated_swarm(model.source, profiles, options, mlp_group_size=args.mlp_group_size,
-                                      critical_fraction=args.critical_fraction, seed=args.link_seed, planner=planner)
+                                      critical_fraction=args.critical_fraction, seed=args.link_seed, planner=planner,
+                                      dynamic=args.dynamic_placement)
 
 
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:

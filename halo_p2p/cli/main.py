@@ -54,6 +54,8 @@ def _split_args(p: argparse.ArgumentParser) -> None:
                    help="share of MLP groups the coordinator always waits for in halo mode (default 0.5)")
     g.add_argument("--mlp-group-size", type=int, default=None, help="neurons per MLP group")
     g.add_argument("--link-seed", type=int, default=0, help="seed of the emulated losses (default 0)")
+    g.add_argument("--dynamic-placement", action="store_true",
+                   help="the coordinator computes the critical MLP groups of lossy peers itself, per token")
     g.add_argument("--planner", choices=("schedule", "split"), default="schedule",
                    help="schedule: load-balancing scheduler (default); split: shares by compute rate / --shares")
 

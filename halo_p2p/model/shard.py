@@ -9,6 +9,7 @@ holds what the coordinator alone needs: token embeddings, RMSNorm weights and th
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables, rms_norm
 from halo_p2p.model.source import TensorSource
 
-__all__ = ["GroupShard", "GroupWeights", "SliceWeights", "Trunk", "mlp_group_scores"]
+__all__ = ["GroupShard", "GroupWeights", "MlpTakeover", "SliceWeights", "Trunk", "mlp_group_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +209,46 @@ def mlp_group_scores(source: TensorSource, layout: GroupLayout) -> np.ndarray:
             norms.append(np.sqrt(sq.reshape(layout.n_mlp, g).sum(axis=1)))
         scores[layer] = norms[0] * norms[1] * norms[2]
     return scores
+
+
+class MlpTakeover:
+    """Computes any MLP groups on demand (per-token dynamic placement, HALO's critical groups).
+
+    When a group assigned to an unstable peer is critical for the current token, the coordinator
+    computes it itself instead of waiting for it. MLP groups carry no state (unlike attention
+    groups and their KV cache), so any peer holding the weights can compute them for one token.
+    Slices are loaded on first use and kept in an LRU bounded by ``budget_bytes``.
+
+    Args:
+        weights: where group slices come from (the coordinator's own model file).
+        budget_bytes: resident bytes for taken-over groups.
+    """
+
+    def __init__(self, weights: GroupWeights, budget_bytes: int) -> None:
+        self.weights, self.budget_bytes = weights, budget_bytes
+        self._lru: OrderedDict[GroupId, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+
+    def _group(self, gid: GroupId) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self._lru.pop(gid, None)
+        if hit is None:
+            w = self.weights.group(gid)
+            w13 = torch.from_numpy(np.concatenate([w["w1"], w["w3"]]))
+            hit = (w13, torch.from_numpy(np.ascontiguousarray(w["w2"])))
+            self._bytes += sum(t.numel() * t.element_size() for t in hit)
+        self._lru[gid] = hit
+        while self._bytes > self.budget_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self._bytes -= sum(t.numel() * t.element_size() for t in old)
+        return hit
+
+    @torch.inference_mode()
+    def partials(self, layer: int, groups: list[int], hn: np.ndarray) -> np.ndarray:
+        """float32 ``(len(groups), T, dim)`` partials of MLP ``groups`` of ``layer`` for ``hn`` ``(T, dim)``."""
+        x = torch.from_numpy(np.ascontiguousarray(hn, dtype=np.float32))
+        out = []
+        for g in groups:
+            w13, w2 = self._group(GroupId(layer, MLP, g))
+            gate, up = (x @ w13.T).chunk(2, dim=-1)
+            out.append((torch.nn.functional.silu(gate) * up) @ w2.T)
+        return torch.stack(out).numpy() if out else np.zeros((0, *hn.shape), dtype=np.float32)

@@ -19,13 +19,13 @@ from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.probe import measure_gflops
 from halo_p2p.groups import PARTS, GroupLayout
 from halo_p2p.model.config import ModelConfig
-from halo_p2p.model.shard import GroupShard, Trunk, mlp_group_scores
+from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
 from halo_p2p.model.source import TensorSource
 from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.net.memory import memory_link_pair
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.scheduler import UNLIMITED_BYTES, GroupStats, PeerModel, schedule_for_layout
-from halo_p2p.session.coordinator import Coordinator, SessionOptions
+from halo_p2p.session.coordinator import UNSTABLE_PLR, Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
 from halo_p2p.session.replan import ReplanningEngine
 from halo_p2p.session.worker import ShardFactory, Worker
@@ -107,7 +107,8 @@ class EmulatedSwarm:
 async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile], options: SessionOptions, *,
                                mlp_group_size: int | None = None, critical: str = "static",
                                critical_fraction: float = 0.5, seed: int = 0, planner: str = "split",
-                               compute_gflops: float | None = None) -> EmulatedSwarm:
+                               compute_gflops: float | None = None, dynamic: bool = False,
+                               takeover_budget_bytes: int = 64 << 20) -> EmulatedSwarm:
     """Start ``peers`` (the first is the coordinator) and send them the plan.
 
     Args:
@@ -122,6 +123,9 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
             scheduler of :mod:`halo_p2p.scheduler`, from each peer's compute rate, memory budget
             and link conditions).
         compute_gflops: this machine's rate for the scheduler (default: measured once).
+        dynamic: per-token dynamic placement: the coordinator computes the critical MLP groups of
+            lossy peers itself (:class:`~halo_p2p.model.shard.MlpTakeover`, within
+            ``takeover_budget_bytes``).
     """
     layout = GroupLayout.from_config(source.config, mlp_group_size)
     names = [p.name for p in peers]
@@ -150,6 +154,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
         tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
 
     profiles = {p.name: p for p in peers}
+    unstable = frozenset(p.name for p in peers[1:] if p.link.plr > UNSTABLE_PLR)
+    takeover = MlpTakeover(SliceWeights(source, layout), budget_bytes=takeover_budget_bytes) if dynamic else None
     stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if critical == "static"
              else GroupStats.default(layout))
     rate = compute_gflops or (await asyncio.to_thread(measure_gflops) if planner == "schedule" else 1.0)
@@ -174,7 +180,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
             local = await coordinator_thread.run(GroupShard, source, layout, own, max_seq_len=options.max_seq_len)
         coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread,
                                   links={n: links[n] for n in alive[1:]}, plan=plan, options=options,
-                                  criticality=criticality, session=session, initial_deadlines=deadlines)
+                                  criticality=criticality, session=session, initial_deadlines=deadlines,
+                                  takeover=takeover, unstable=unstable)
         await coordinator.start()
         return coordinator
 

@@ -19,7 +19,7 @@ from halo_p2p.discovery import PeerInfo
 from halo_p2p.errors import HaloError
 from halo_p2p.groups import PARTS, GroupLayout
 from halo_p2p.model.config import ModelConfig
-from halo_p2p.model.shard import GroupShard, SliceWeights, Trunk, mlp_group_scores
+from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
 from halo_p2p.net.link import Link
 from halo_p2p.net.signaling import connect
 from halo_p2p.node.library import HeldModel
@@ -121,6 +121,7 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
     own_rate = node.info.compute_gflops if node.info else 1.0
     weights = SliceWeights(source, layout)
+    takeover = MlpTakeover(SliceWeights(source, layout), budget_bytes=64 << 20) if options.mode == "halo" else None
 
     stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if options.mode == "halo"
              else GroupStats.default(layout))
@@ -146,7 +147,7 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
         coordinator = Coordinator(trunk=trunk, local=local, compute=node.compute, links={p: links[p] for p in alive},
                                   plan=plan, options=options, criticality=criticality,
                                   model_sha256=held.sha256, session=session, weights=weights,
-                                  initial_deadlines=deadlines)
+                                  initial_deadlines=deadlines, takeover=takeover)
         try:
             await coordinator.start()
         except BaseException:

@@ -24,13 +24,14 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.protocol import GroupCompute, GroupWeights, TrunkCompute
 from halo_p2p.errors import LinkClosed, PeerLost, TransportError, WireError
-from halo_p2p.groups import PARTS, GroupId
+from halo_p2p.groups import MLP, PARTS, GroupId
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
@@ -57,7 +58,8 @@ __all__ = ["RELIABLE_CHUNK_BYTES", "Coordinator", "SessionOptions"]
 log = logging.getLogger(__name__)
 
 _RECENT_SYNC_POINTS = 8
-_SILENCE_GAP_S = 0.02   # a burst of chunks silent this long has lost its rest
+_SILENCE_GAP_S = 0.02  # a burst of chunks silent this long has lost its rest
+UNSTABLE_PLR = 0.01     # a link measured lossier than this makes its peer "unstable" (dynamic placement)
 RELIABLE_CHUNK_BYTES = 64 * 1024
 """Payload of one activation message on the reliable channel (it has no per-packet loss, and
 WebRTC messages may be up to 256 KiB); the unreliable channel keeps one SCTP packet per frame."""
@@ -114,18 +116,24 @@ class Coordinator:
         weights: group weight slices to stream to workers that lack the model file (optional).
         initial_deadlines: per-worker deadline (seconds) until response times are measured, e.g.
             the scheduler's estimate (default ``options.initial_deadline_s``).
+        takeover: computes MLP groups on demand (``partials(layer, groups, hn)``): in ``halo``
+            mode, a decode step's critical MLP groups owned by an ``unstable`` peer are computed
+            here instead of waited for (per-token dynamic placement).
+        unstable: peers whose links are lossy (e.g. measured PLR above 1 %).
     """
 
     def __init__(self, *, trunk: TrunkCompute, local: GroupCompute | None, compute: ComputeThread,
                  links: Mapping[str, Link], plan: PlacementPlan, options: SessionOptions,
                  criticality: CriticalityPolicy | None = None, model_sha256: str = "0" * 64,
                  session: int = 1, weights: GroupWeights | None = None,
-                 initial_deadlines: Mapping[str, float] | None = None) -> None:
+                 initial_deadlines: Mapping[str, float] | None = None, takeover: Any = None,
+                 unstable: frozenset[str] = frozenset()) -> None:
         self.trunk, self.local, self.compute = trunk, local, compute
         self.links = dict(links)
         self.plan, self.options, self.session = plan, options, session
         self.model_sha256 = model_sha256
         self.weights = weights
+        self.takeover, self.unstable = takeover, set(unstable)
         layout = plan.layout
         self.criticality = criticality or AllCritical({p: layout.n_groups(p) for p in PARTS})
         missing = set(plan.workers()) - set(self.links)
@@ -204,6 +212,10 @@ class Coordinator:
             TransportError: a sync point made no progress for ``stall_timeout_s``.
         """
         self.step += 1
+        for peer, link in self.links.items():          # heartbeats measure the links' loss
+            plr = link.stats.measured_plr
+            if plr is not None:
+                (self.unstable.add if plr > UNSTABLE_PLR else self.unstable.discard)(peer)
         ids = np.asarray(token_ids, dtype=np.int64)
         record = StepRecord(self.step, start_pos, len(ids))
         x = await self.compute.run(self.trunk.embed, ids)
@@ -224,8 +236,14 @@ class Coordinator:
             critical = frozenset(owners)
         else:
             critical = self.criticality.critical(layer, part, xn)
+        moved: list[int] = []
+        if self.takeover is not None and part == MLP and n_tokens == 1 and self.options.mode == "halo":
+            moved = sorted(g for g in critical if owners.get(g) in self.unstable)
+            for g in moved:
+                del owners[g]                      # computed here this token, not waited for
         sp = SyncPoint(self.step, layer, part, n_tokens=n_tokens, dim=dim, owners=owners, critical=critical,
                        dtype=self.options.wire_dtype, sent_at_s=loop.time())
+        sp.record.taken_over = len(moved)
         self._remember(sp)
         wire = xn.astype(self.options.wire_dtype).reshape(-1)
         for peer in sorted(set(owners.values())):
@@ -233,12 +251,15 @@ class Coordinator:
         local = None
         if self.local is not None and self.local.groups_at(layer, part):
             local = asyncio.ensure_future(self.compute.run(self.local.partials, layer, part, xn, start_pos))
+        extra = asyncio.ensure_future(self.compute.run(self.takeover.partials, layer, moved, xn)) if moved else None
         try:
             await self._wait(sp)
         finally:
             remote = sp.close(loop.time())
         if local is not None:
             remote += (await local).sum(axis=0)
+        if extra is not None:
+            remote += (await extra).sum(axis=0)
         for key in [k for k in self._inputs if k[1:] < sp.key]:
             del self._inputs[key]
         return remote

@@ -78,6 +78,7 @@ class SyncRecord:
         late: chunks that arrived after the coordinator moved on.
         resends: Resend requests sent for critical groups.
         critical: critical groups at this point.
+        taken_over: critical MLP groups of unstable peers computed by the coordinator instead.
     """
 
     layer: int
@@ -89,6 +90,7 @@ class SyncRecord:
     late: int = 0
     resends: int = 0
     critical: int = 0
+    taken_over: int = 0
     skipped_groups: list[int] = field(default_factory=list)
 
 
@@ -119,6 +121,7 @@ class StepRecord:
             "step": self.step, "start_pos": self.start_pos, "n_tokens": self.n_tokens,
             "wait_ms": 1000 * self.wait_s, "skipped_groups": self.skipped, "late_chunks": self.late,
             "resends": sum(s.resends for s in self.syncs),
+            "taken_over": sum(s.taken_over for s in self.syncs),
             "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
         }
 
