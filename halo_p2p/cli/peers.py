@@ -124,7 +124,8 @@ def _served(s: dict | None) -> tuple[str, str, str, str, str]:
 
 
 async def cmd_join(args: argparse.Namespace) -> int:
-    library = await asyncio.to_thread(ModelLibrary, args.model or None)
+    _, budget = _profile_config(args)
+    library = await asyncio.to_thread(lambda: ModelLibrary(args.model or None, memory_budget_bytes=budget))
     if not library.held:
         raise ConfigError("this peer holds no model", "pull one (halo-peer pull smollm2-135m-instruct) or pass --model")
     node = await start_node(args, library)

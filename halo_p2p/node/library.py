@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from halo_p2p.discovery import model_entry
+from halo_p2p.engine.protocol import GroupCompute
 from halo_p2p.errors import HaloError, ModelNotFound
 from halo_p2p.groups import GroupLayout
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.loader import LoadedModel, open_model
+from halo_p2p.model.paged import PagedShard
 from halo_p2p.model.registry import KNOWN_MODELS, cache_dir, sha256_file
 from halo_p2p.model.shard import GroupShard, SliceWeights
 from halo_p2p.node.weight_cache import DiskGroupCache
@@ -69,7 +71,8 @@ class ModelLibrary:
         specs: model names or paths to hold; ``None`` holds every known model present locally.
     """
 
-    def __init__(self, specs: Iterable[str] | None = None) -> None:
+    def __init__(self, specs: Iterable[str] | None = None, *, memory_budget_bytes: int | None = None) -> None:
+        self.memory_budget_bytes = memory_budget_bytes
         self.held: dict[str, HeldModel] = {}
         names = list(specs) if specs is not None else list(KNOWN_MODELS)
         for spec in names:
@@ -101,8 +104,13 @@ class ModelLibrary:
             source = held.model.source
             layout = GroupLayout.from_config(source.config, group_size)
             weights = SliceWeights(source, layout)
+            budget = self.memory_budget_bytes
 
-            def factory(groups: list, max_seq_len: int) -> GroupShard:
+            def factory(groups: list, max_seq_len: int) -> GroupCompute:
+                need = 4 * sum(layout.group_params(g.part) for g in groups)
+                if budget is not None and need > budget:    # page groups in and out (parallel loading)
+                    log.info("groups need %.0f MB, budget %.0f MB: paging", need / 1e6, budget / 1e6)
+                    return PagedShard(source, layout, groups, max_seq_len=max_seq_len, memory_budget_bytes=budget)
                 return GroupShard(weights, layout, groups, max_seq_len=max_seq_len)
 
             return layout, factory

@@ -1,0 +1,176 @@
+"""PagedShard: GroupShard's partials under a memory budget, with weights loaded in the background."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from halo_p2p.errors import ConfigError, ModelFormatError
+from halo_p2p.groups import ATTN, MLP, PARTS, GroupId, GroupLayout
+from halo_p2p.model.llama2c import Llama2cModel
+from halo_p2p.model.paged import PagedShard
+from halo_p2p.model.registry import resolve
+from halo_p2p.model.shard import GroupShard, SliceWeights
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def source():
+    return Llama2cModel.open(resolve("stories260K").path)
+
+
+@pytest.fixture(scope="module")
+def layout(source):
+    return GroupLayout.from_config(source.config)
+
+
+def _steps(decode: int = 4):
+    """(start_pos, T) of a short generation: a 3-token prefill, then ``decode`` one-token steps."""
+    return [(0, 3), *[(p, 1) for p in range(3, 3 + decode)]]
+
+
+def _run(shard, layout, seed=0, check=None, decode=4):
+    """Every sync point in order for every step; returns the list of partials."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for start, t in _steps(decode):
+        for layer in range(layout.n_layers):
+            for part in PARTS:
+                x = rng.standard_normal((t, layout.dim)).astype(np.float32)
+                out.append(shard.partials(layer, part, x, start))
+                if check is not None:
+                    check(shard)
+    return out
+
+
+def _non_contiguous(layout):
+    return [g for g in layout.all_groups() if g.index != 1 and (g.layer + g.index) % 5 != 0]
+
+
+@pytest.mark.parametrize(("which", "policy"), [("all", "furthest"), ("subset", "lru")])
+def test_partials_equal_group_shard_under_40_percent_budget(source, layout, which, policy) -> None:
+    groups = layout.all_groups() if which == "all" else _non_contiguous(layout)
+    ref = GroupShard(source, layout, groups, max_seq_len=SEQ)
+    budget = int(0.4 * ref.weight_bytes())
+    seen = []
+
+    def check(shard):
+        s = shard.stats()
+        seen.append(s["resident_bytes"])
+        assert shard.weight_bytes() <= budget
+        assert s["peak_resident_bytes"] <= budget
+
+    with PagedShard(source, layout, groups, max_seq_len=SEQ, memory_budget_bytes=budget, policy=policy) as paged:
+        got = _run(paged, layout, check=check)
+        stats = paged.stats()
+    want = _run(ref, layout)
+    assert len(got) == len(want) == len(_steps()) * layout.n_layers * len(PARTS)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == np.float32 and g.shape == w.shape, i
+        np.testing.assert_array_equal(g, w, err_msg=f"call {i}")
+    for layer in range(layout.n_layers):
+        for part in PARTS:
+            assert paged.groups_at(layer, part) == ref.groups_at(layer, part)
+    # the budget really forced paging: blocks were evicted and loaded again
+    assert stats["evictions"] > 0
+    assert stats["loads"] > len(paged.order) * 2
+    assert max(seen) <= budget
+
+
+def test_group_weights_source_equals_group_shard(source, layout) -> None:
+    groups = _non_contiguous(layout)
+    ref = GroupShard(source, layout, groups, max_seq_len=SEQ)
+    with PagedShard(SliceWeights(source, layout), layout, groups, max_seq_len=SEQ,
+                    memory_budget_bytes=ref.weight_bytes() // 2) as paged:
+        got = _run(paged, layout, seed=1, decode=1)
+    for g, w in zip(got, _run(ref, layout, seed=1, decode=1), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_too_small_budget_names_the_minimum(source, layout) -> None:
+    largest = layout.group_params(MLP) * layout.n_mlp * 4    # one layer's whole MLP block, float32
+    assert largest > layout.group_params(ATTN) * layout.n_attn * 4
+    with pytest.raises(ConfigError, match=rf"at least {largest} bytes"):
+        PagedShard(source, layout, layout.all_groups(), max_seq_len=SEQ, memory_budget_bytes=largest - 1)
+    # exactly one block fits: still runs, never above the budget, equal results
+    ref = GroupShard(source, layout, layout.all_groups(), max_seq_len=SEQ)
+    with PagedShard(source, layout, layout.all_groups(), max_seq_len=SEQ, memory_budget_bytes=largest) as paged:
+        rng = np.random.default_rng(2)
+        for layer in range(layout.n_layers):
+            for part in PARTS:
+                x = rng.standard_normal((1, layout.dim)).astype(np.float32)
+                np.testing.assert_array_equal(paged.partials(layer, part, x, 0), ref.partials(layer, part, x, 0))
+                assert paged.stats()["peak_resident_bytes"] <= largest
+
+
+def test_generous_budget_keeps_everything_after_first_pass(source, layout) -> None:
+    groups = layout.all_groups()
+    ref = GroupShard(source, layout, groups, max_seq_len=SEQ)
+    n_blocks = layout.n_layers * len(PARTS)
+    with PagedShard(source, layout, groups, max_seq_len=SEQ, memory_budget_bytes=10 * ref.weight_bytes()) as paged:
+        assert paged.weight_bytes() == 0                       # nothing loaded before the first call
+        x = np.ones((1, layout.dim), np.float32)
+        for layer in range(layout.n_layers):
+            for part in PARTS:
+                paged.partials(layer, part, x, 0)
+        first = paged.stats()
+        assert first["loads"] == n_blocks
+        assert first["inline_loads"] == 1                       # only the very first block was not prefetched
+        assert paged.weight_bytes() == ref.weight_bytes()
+        for layer in range(layout.n_layers):
+            for part in PARTS:
+                paged.partials(layer, part, x, 1)
+        second = paged.stats()
+    assert second["loads"] == n_blocks
+    assert second["evictions"] == 0
+    assert second["hits"] - first["hits"] == n_blocks
+    assert second["kv_bytes"] > 0 and second["resident_bytes"] == ref.weight_bytes()
+
+
+def test_without_prefetch_every_load_is_inline(source, layout) -> None:
+    groups = layout.all_groups()
+    with PagedShard(source, layout, groups, max_seq_len=SEQ, memory_budget_bytes=1 << 30,
+                    prefetch_layers=0) as paged:
+        _run(paged, layout, decode=1)
+        s = paged.stats()
+    assert s["prefetch_loads"] == 0 and s["inline_loads"] == layout.n_layers * len(PARTS)
+    assert s["wait_s_total"] >= s["load_s_total"] > 0                # nothing hidden
+    assert s["hidden_fraction"] <= 0
+
+
+def test_furthest_policy_loads_less_than_lru_on_cyclic_order(source, layout) -> None:
+    groups = layout.all_groups()
+    budget = int(0.7 * GroupShard(source, layout, groups, max_seq_len=SEQ).weight_bytes())
+    loads = {}
+    for policy in ("furthest", "lru"):
+        with PagedShard(source, layout, groups, max_seq_len=SEQ, memory_budget_bytes=budget, policy=policy) as paged:
+            _run(paged, layout, decode=2)
+            loads[policy] = paged.stats()["loads"]
+    assert loads["furthest"] < loads["lru"]
+
+
+class _Failing:
+    """A source whose layer-2 tensors cannot be read."""
+
+    def __init__(self, source):
+        self.source = source
+        self.config = source.config
+
+    def load(self, name, rows=None):
+        if name.startswith("layers.2."):
+            raise ModelFormatError(f"cannot read {name}")
+        return self.source.load(name, rows)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_load_errors_surface_from_partials(source, layout, prefetch) -> None:
+    with PagedShard(_Failing(source), layout, [GroupId(layer, MLP, 0) for layer in range(4)], max_seq_len=SEQ,
+                    memory_budget_bytes=1 << 20, prefetch_layers=prefetch) as paged:
+        x = np.ones((1, layout.dim), np.float32)
+        paged.partials(0, MLP, x, 0)
+        paged.partials(1, MLP, x, 0)
+        with pytest.raises(ModelFormatError, match=r"layers\.2\.w"):
+            paged.partials(2, MLP, x, 0)
+        assert paged.partials(3, MLP, x, 0).shape == (1, 1, layout.dim)   # the shard still works
+        assert paged.stats()["resident_bytes"] == 3 * layout.group_params(MLP) * 4
