@@ -108,7 +108,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
                                mlp_group_size: int | None = None, critical: str = "static",
                                critical_fraction: float = 0.5, seed: int = 0, planner: str = "split",
                                compute_gflops: float | None = None, dynamic: bool = False,
-                               takeover_budget_bytes: int = 64 << 20) -> EmulatedSwarm:
+                               takeover_budget_bytes: int = 64 << 20,
+                               policy: CriticalityPolicy | None = None) -> EmulatedSwarm:
     """Start ``peers`` (the first is the coordinator) and send them the plan.
 
     Args:
@@ -123,6 +124,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
             scheduler of :mod:`halo_p2p.scheduler`, from each peer's compute rate, memory budget
             and link conditions).
         compute_gflops: this machine's rate for the scheduler (default: measured once).
+        policy: a criticality policy to use instead of ``critical`` (e.g. the semantic-aware
+            predictor's :class:`~halo_p2p.predictor.PredictorPolicy`).
         dynamic: per-token dynamic placement: the coordinator computes the critical MLP groups of
             lossy peers itself (:class:`~halo_p2p.model.shard.MlpTakeover`, within
             ``takeover_budget_bytes``).
@@ -135,7 +138,9 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
     trunk = await coordinator_thread.run(Trunk, source)
     criticality: CriticalityPolicy
     scores = await coordinator_thread.run(mlp_group_scores, source, layout) if critical == "static" else None
-    if scores is not None:
+    if policy is not None:
+        criticality = policy
+    elif scores is not None:
         criticality = StaticRule(scores, layout.n_attn, critical_fraction)
     else:
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
