@@ -164,3 +164,17 @@ def test_bad_split_flags() -> None:
     _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "3", "--shares", "1,2"),
                     "--shares has 2 values for 3 peers")
     _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "2", "--plr", "1.5"), "--plr 1.5")
+
+
+def test_calibrate_saves_a_predictor_that_sessions_use(tmp_path: Path) -> None:
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(" ".join(topics[t].split()) for t in ("if", "for", "try", "class")))
+    out = halo("calibrate", "--model", "stories260K", "--text-file", str(text), cache=tmp_path)
+    assert out.returncode == 0, out.stderr.decode()
+    saved = list((tmp_path / "halo-p2p" / "predictors").glob("*.npz"))
+    assert len(saved) == 1 and saved[0].stem == "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
+    gen = halo("-v", "generate", "--prompt", "Once", "--max-tokens", "3", "--emulate-peers", "2", "--json",
+               cache=tmp_path)
+    assert gen.returncode == 0 and str(saved[0]) in gen.stderr.decode()

@@ -41,7 +41,8 @@ async def run(args: argparse.Namespace) -> int:
     handler = {
         "models": cmd_models, "pull": cmd_pull, "generate": cmd_generate,
         "perplexity": cmd_perplexity, "chat": cmd_chat, "bench": cmd_bench,
-        "init": peers.cmd_init, "join": peers.cmd_join, "peers": peers.cmd_peers, "swarm": swarm_cmd.cmd_swarm,
+        "calibrate": cmd_calibrate, "init": peers.cmd_init, "join": peers.cmd_join, "peers": peers.cmd_peers,
+        "swarm": swarm_cmd.cmd_swarm,
     }[args.command]
     return await handler(args)
 
@@ -128,9 +129,17 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
     ctx = args.ctx or min(model.source.config.max_seq_len, 2048)
     options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
     planner = "split" if args.shares else args.planner
+    policy = None
+    if args.sync == "halo" and args.mlp_group_size is None:
+        from halo_p2p.node.library import file_sha256
+        from halo_p2p.predictor import PredictorPolicy, load_predictor_for
+
+        predictor = load_predictor_for(await asyncio.to_thread(file_sha256, model.path))
+        if predictor is not None:
+            policy = PredictorPolicy(predictor, args.critical_fraction, attn_critical=1.0)
     return await start_emulated_swarm(model.source, profiles, options, mlp_group_size=args.mlp_group_size,
                                       critical_fraction=args.critical_fraction, seed=args.link_seed, planner=planner,
-                                      dynamic=args.dynamic_placement)
+                                      dynamic=args.dynamic_placement, policy=policy)
 
 
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
@@ -195,14 +204,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
 
 
 async def cmd_perplexity(args: argparse.Namespace) -> int:
-    path = Path(args.text_file)
-    try:
-        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"text file {path} does not exist", "check the --text-file path") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
-                          "convert it to UTF-8") from None
+    text = await _read_text(Path(args.text_file))
     model = await load(args)
     ids = model.tokenizer.encode(text)
     engine = await make_engine(args, model)
@@ -220,6 +222,37 @@ async def cmd_perplexity(args: argparse.Namespace) -> int:
         print(f"{model.name}: {result.tokens} tokens, mean NLL {result.mean_nll:.4f} nats, "
               f"perplexity {result.perplexity:.3f}")
     return 0
+
+
+async def cmd_calibrate(args: argparse.Namespace) -> int:
+    from halo_p2p.model.calibrate import run_calibration
+    from halo_p2p.node.library import file_sha256
+    from halo_p2p.predictor import default_predictor_path
+
+    text = await _read_text(Path(args.text_file))
+    model = await load(args)
+    ids = model.tokenizer.encode(text)[: args.max_tokens]
+    if len(ids) < 64:
+        raise ConfigError(f"{args.text_file} has only {len(ids)} tokens", "calibrate on a few thousand tokens")
+    digest = await asyncio.to_thread(file_sha256, model.path)
+    err.print(f"calibrating {model.name} on {len(ids)} tokens of {args.text_file} ...")
+    predictor = await asyncio.to_thread(run_calibration, model.source, ids, model_sha256=digest, rank=args.rank,
+                                        metadata={"text_file": str(args.text_file)})
+    path = default_predictor_path(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(predictor.save, path)
+    err.print(f"[green]ok[/] predictor saved to {path}; sessions of this model use it from now on")
+    return 0
+
+
+async def _read_text(path: Path) -> str:
+    try:
+        return await asyncio.to_thread(path.read_text, encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"text file {path} does not exist", "check the --text-file path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
+                          "convert it to UTF-8") from None
 
 
 async def cmd_chat(args: argparse.Namespace) -> int:

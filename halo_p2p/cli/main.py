@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     _split_args(p)
     _swarm_args(p)
 
+    p = sub.add_parser("calibrate", help="train the semantic-aware predictor of a model on a text")
+    _model_args(p, "smollm2-135m-instruct")
+    p.add_argument("--text-file", required=True, help="UTF-8 calibration text (not your evaluation text)")
+    p.add_argument("--rank", type=int, default=None, help="inner rank of the per-layer scorers (default: full)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens at most (default 4096)")
+
     p = sub.add_parser("init", help="create the swarm key (copy it to every device)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
 

@@ -25,6 +25,7 @@ from halo_p2p.net.signaling import connect
 from halo_p2p.node.library import HeldModel
 from halo_p2p.node.peer import PeerNode
 from halo_p2p.plan import PlacementPlan
+from halo_p2p.predictor import PredictorPolicy, load_predictor_for
 from halo_p2p.scheduler import GroupStats, peer_models_from, schedule_for_layout
 from halo_p2p.session.coordinator import Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
@@ -115,7 +116,10 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
     trunk = await node.compute.run(Trunk, source)
     criticality: CriticalityPolicy
     scores = await node.compute.run(mlp_group_scores, source, layout) if options.mode == "halo" else None
-    if scores is not None:
+    predictor = await asyncio.to_thread(load_predictor_for, held.sha256) if options.mode == "halo" else None
+    if predictor is not None:           # semantic-aware: the critical MLP groups change per token
+        criticality = PredictorPolicy(predictor, critical_fraction, attn_critical=1.0)
+    elif scores is not None:
         criticality = StaticRule(scores, layout.n_attn, critical_fraction)
     else:
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
@@ -123,8 +127,8 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
     weights = SliceWeights(source, layout)
     takeover = MlpTakeover(SliceWeights(source, layout), budget_bytes=64 << 20) if options.mode == "halo" else None
 
-    stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if options.mode == "halo"
-             else GroupStats.default(layout))
+    stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if scores is not None and predictor is None
+             else GroupStats.default(layout, critical_fraction))
 
     async def factory(lost: frozenset[str], session: int) -> Coordinator:
         alive = [pid for pid in links if pid not in lost and not links[pid].closed]
