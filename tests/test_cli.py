@@ -149,7 +149,8 @@ def test_missing_text_file(tmp_path: Path) -> None:
 
 def test_generate_on_emulated_peers_reports_sync_figures() -> None:
     out = halo("generate", "--prompt", "Once upon a time", "--max-tokens", "12", "--temperature", "0", "--json",
-               "--emulate-peers", "3", "--sync", "halo", "--plr", "0.2", "--delay-ms", "1", "--link-seed", "1")
+               "--emulate-peers", "3", "--sync", "halo", "--plr", "0.2", "--delay-ms", "1", "--link-seed", "1",
+               "--planner", "split")
     assert out.returncode == 0, out.stderr.decode()
     data = json.loads(out.stdout)
     split = data["split"]
