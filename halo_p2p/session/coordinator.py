@@ -331,10 +331,13 @@ class Coordinator:
                             silent = heard + max(_SILENCE_GAP_S, interval)
                             due = min(due, max(silent, last_resend.get(peer, 0.0) + interval))
                         if now >= due:
+                            if peer not in last_resend and sp.last_heard_s.get(peer) is None:
+                                self._timers[(peer, sp.part)].backoff()   # nothing arrived by the deadline
                             await self._send_resend(peer, sp, groups)
+                            tries = sp.record.resends
                             last_resend[peer] = now
-                            next_resend[peer] = now + interval
-                            due = now + interval
+                            next_resend[peer] = now + interval * min(64, 2 ** (tries - 1))   # back off
+                            due = next_resend[peer]
                         wake = min(wake, due)
             if now - last_progress > self.options.stall_timeout_s:
                 stuck = sorted(sp.pending_peers())

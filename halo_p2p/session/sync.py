@@ -46,11 +46,13 @@ class ResponseTimer:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.samples = 0
+        self.backoff_factor = 1.0     # RFC 6298 5.5: doubled per expiry, reset by a clean sample
 
     def observe(self, sample_s: float) -> None:
         """Add one measured response time (seconds)."""
         if not math.isfinite(sample_s) or sample_s < 0:
             return
+        self.backoff_factor = 1.0
         if self.srtt is None:
             self.srtt, self.rttvar = sample_s, sample_s / 2
         else:
@@ -61,8 +63,14 @@ class ResponseTimer:
     def deadline_s(self) -> float:
         """How long after sending to wait for this peer's non-critical partials (seconds)."""
         if self.srtt is None or self.samples < self.warmup:
-            return self.initial_s
-        return max(self.floor_s, self.srtt + self.k * self.rttvar)
+            return self.initial_s * self.backoff_factor
+        return max(self.floor_s, self.srtt + self.k * self.rttvar) * self.backoff_factor
+
+    def backoff(self, cap: float = 64.0) -> None:
+        """The deadline expired before the response (RFC 6298 section 5.5): double it until a
+        response arrives in time and gives a clean sample (Karn's algorithm blocks the others,
+        so without this a deadline below the true response time would never recover)."""
+        self.backoff_factor = min(cap, 2 * self.backoff_factor)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,59 @@
+"""A discrete-event simulator of strict vs halo synchronization on a simulated edge cluster.
+
+It projects what halo-p2p's protocol would achieve on hardware this machine does not have
+(a Raspberry Pi cluster on 1 GbE, as in HALO's evaluation: Zheng et al., "Semantic-Aware
+Distributed LLM Inference in Lossy Edge Network", INFOCOM 2026, arXiv 2601.11676), with the
+groups placed by :mod:`halo_p2p.scheduler` and the run-time deadlines of
+:class:`~halo_p2p.session.sync.ResponseTimer`.
+
+* :mod:`~halo_p2p.sim.shapes`: model shapes (:class:`ModelShape`; SmolLM2-135M, TinyLlama-1.1B,
+  Llama-2-7B, Llama-3-8B from their ``config.json``).
+* :mod:`~halo_p2p.sim.cluster`: :class:`Device`, :class:`LinkModel`, :class:`Cluster`, presets
+  (:func:`rpi4b`, :func:`rpi5`, :func:`gbe_link`), and the scheduler glue :func:`place`.
+* :mod:`~halo_p2p.sim.des`: :func:`simulate` (:class:`SimOptions` -> :class:`SimResult`).
+
+``benchmarks/projection.py`` prints the projected TPOT table; ``benchmarks/projection.md``
+lists every assumption with its source.
+"""
+
+from __future__ import annotations
+
+from halo_p2p.sim.cluster import (
+    AIORTC_FRAME_CPU_S,
+    NATIVE_FRAME_CPU_S,
+    Cluster,
+    Device,
+    LinkModel,
+    ReliableStream,
+    gbe_link,
+    place,
+    rpi4b,
+    rpi5,
+    uniform_cluster,
+)
+from halo_p2p.sim.des import SimOptions, SimResult, SyncTrace, simulate
+from halo_p2p.sim.shapes import LLAMA2_7B, LLAMA3_8B, SHAPES, SMOLLM2_135M, TINYLLAMA_1_1B, ModelShape
+
+__all__ = [
+    "AIORTC_FRAME_CPU_S",
+    "LLAMA2_7B",
+    "LLAMA3_8B",
+    "NATIVE_FRAME_CPU_S",
+    "SHAPES",
+    "SMOLLM2_135M",
+    "TINYLLAMA_1_1B",
+    "Cluster",
+    "Device",
+    "LinkModel",
+    "ModelShape",
+    "ReliableStream",
+    "SimOptions",
+    "SimResult",
+    "SyncTrace",
+    "gbe_link",
+    "place",
+    "rpi4b",
+    "rpi5",
+    "simulate",
+    "uniform_cluster",
+]
