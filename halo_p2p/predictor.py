@@ -169,7 +169,7 @@ def fit_predictor(data: CalibrationSet, *, model_sha256: str, rank: int | None =
         ValueError: fewer than two calibration tokens.
     """
     seqs = np.unique(data.sequence_ids)
-    n_val = int(round(val_fraction * len(seqs))) if len(seqs) > 1 else 0
+    n_val = round(val_fraction * len(seqs)) if len(seqs) > 1 else 0
     train = ~np.isin(data.sequence_ids, seqs[len(seqs) - n_val:]) if n_val else None
     weights: dict[int, list[tuple[np.ndarray, np.ndarray | None, np.ndarray]]] = {}
     chosen: dict[str, list[float]] = {}
