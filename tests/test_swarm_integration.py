@@ -94,7 +94,8 @@ def test_strict_swarm_generation_equals_local(env, loopback_swarm, tmp_path) -> 
     assert got["split"]["peers"] == 4            # the coordinator and the three joined peers
 
 
-async def _netns_run(env: dict[str, str], tmp: Path, plr: float) -> dict[str, dict]:
+async def netns_run(env: dict[str, str], tmp: Path, plr: float, modes: tuple[str, ...] = ("strict", "halo"),
+                    planner: str = "split", tokens: int = 10) -> dict[str, dict]:
     """3 devices on an emulated LAN (device 2's link lossy); join on each, prompts from device 0."""
     devices = [DeviceLink(0, 0.001, 0, seed=1), DeviceLink(0, 0.001, 0, seed=2), DeviceLink(plr, 0.001, 0, seed=3)]
     results = {}
@@ -108,12 +109,11 @@ async def _netns_run(env: dict[str, str], tmp: Path, plr: float) -> dict[str, di
         for p in procs:
             line = await asyncio.wait_for(p.stdout.readline(), 90)
             assert line.startswith(b"halo-peer: joined as"), line
-        for mode in ("strict", "halo"):
+        for mode in modes:
             proc = await lan.spawn(0, [sys.executable, "-m", "halo_p2p", "generate", "--model",
                                        "smollm2-135m-instruct", "--chat", "--prompt", QUESTION, "--temperature", "0",
-                                       "--max-tokens", "10", "--json", "--sync", mode, "--planner", "split",
-                                       "--address", lan.address(0),
-                                       "--wait-peers", "4"],
+                                       "--max-tokens", str(tokens), "--json", "--sync", mode, "--planner", planner,
+                                       "--address", lan.address(0), "--wait-peers", "4"],
                                    env=_peer_env(env, tmp, f"coord-{mode}"), stdout=asyncio.subprocess.PIPE,
                                    stderr=asyncio.subprocess.PIPE)
             out, err = await asyncio.wait_for(proc.communicate(), 600)
@@ -123,19 +123,14 @@ async def _netns_run(env: dict[str, str], tmp: Path, plr: float) -> dict[str, di
 
 
 @pytest.mark.netns
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(900)
 def test_namespace_swarm_under_loss(env, tmp_path) -> None:
+    """Across namespaces, with 5 % loss on one worker's link: strict and halo both complete."""
     ok, why = available()
     if not ok:
         pytest.skip(f"network namespaces unavailable: {why}")
-    clean = asyncio.run(_netns_run(env, tmp_path, 0.0))
-    lossy = asyncio.run(_netns_run(env, tmp_path, 0.05))
-    for res in (clean, lossy):
-        assert res["strict"]["split"]["peers"] == 4 and res["halo"]["split"]["peers"] == 4
-    figures = {"plr0": {m: {k: clean[m][k] for k in ("tpot_ms", "tokens_per_s")} for m in clean},
-               "plr5": {m: {k: lossy[m][k] for k in ("tpot_ms", "tokens_per_s")} for m in lossy},
-               "halo_plr5_skipped": lossy["halo"]["split"]["mean_skipped_groups"],
-               "halo_plr5_per_token": lossy["halo"]["split"]["per_token"]}
-    Path(os.environ.get("HALO_RESULTS", "results")).mkdir(exist_ok=True)
-    (Path(os.environ.get("HALO_RESULTS", "results")) / "netns_loss.json").write_text(json.dumps(figures, indent=1))
-    assert "Paris" in lossy["halo"]["text"] and "Paris" in lossy["strict"]["text"]
+    lossy = asyncio.run(netns_run(env, tmp_path, 0.05))
+    for mode in ("strict", "halo"):
+        assert lossy[mode]["split"]["peers"] == 4
+        assert "Paris" in lossy[mode]["text"]
+    assert all("skipped_groups" in t for t in lossy["halo"]["split"]["per_token"])
