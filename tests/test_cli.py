@@ -179,3 +179,16 @@ def test_calibrate_saves_a_predictor_that_sessions_use(tmp_path: Path) -> None:
     gen = halo("-v", "generate", "--prompt", "Once", "--max-tokens", "3", "--emulate-peers", "2", "--json",
                cache=tmp_path)
     assert gen.returncode == 0 and str(saved[0]) in gen.stderr.decode()
+
+
+def test_unsupported_architecture_and_tensor_type(tmp_path: Path) -> None:
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_gguf import write_gguf
+
+    write_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    _one_line_error(halo("generate", "--model", str(tmp_path / "qwen.gguf"), "--prompt", "x"),
+                    "architecture 'qwen2'", "LLaMA-family")
+    write_gguf(tmp_path / "iq.gguf", types={"blk.1.attn_q.weight": Q.IQ4_NL})
+    _one_line_error(halo("generate", "--model", str(tmp_path / "iq.gguf"), "--prompt", "x"), "IQ4_NL",
+                    "llama-quantize")
