@@ -13,12 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.probe import measure_gflops
 from halo_p2p.groups import PARTS, GroupLayout
-from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
 from halo_p2p.model.source import TensorSource
 from halo_p2p.net.link import Link, LinkConditions
@@ -27,7 +24,7 @@ from halo_p2p.plan import PlacementPlan
 from halo_p2p.scheduler import UNLIMITED_BYTES, GroupStats, PeerModel, schedule_for_layout
 from halo_p2p.session.coordinator import UNSTABLE_PLR, Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
-from halo_p2p.session.replan import ReplanningEngine
+from halo_p2p.session.replan import ReplanningEngine, ReplanningFacade
 from halo_p2p.session.worker import ShardFactory, Worker
 
 __all__ = ["EmulatedSwarm", "PeerProfile", "start_emulated_swarm"]
@@ -55,7 +52,7 @@ class PeerProfile:
 
 
 @dataclass(slots=True)
-class EmulatedSwarm:
+class EmulatedSwarm(ReplanningFacade):
     """A running emulated swarm; an :class:`~halo_p2p.engine.protocol.Engine` that re-plans when
     a worker is lost (see :class:`~halo_p2p.session.replan.ReplanningEngine`)."""
 
@@ -66,24 +63,8 @@ class EmulatedSwarm:
     links: dict[str, Link]
 
     @property
-    def coordinator(self) -> Coordinator:
-        assert self.engine.coordinator is not None
-        return self.engine.coordinator
-
-    @property
     def plan(self) -> PlacementPlan:
         return self.coordinator.plan
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.engine.config
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.engine.max_seq_len
-
-    async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
-        return await self.engine.forward(token_ids, start_pos, all_logits=all_logits)
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes per peer (the coordinator's includes the trunk)."""

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from halo_p2p.discovery import PeerInfo
 from halo_p2p.errors import HaloError
 from halo_p2p.groups import PARTS, GroupLayout
-from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
 from halo_p2p.net.link import Link
 from halo_p2p.net.signaling import connect
@@ -29,7 +25,7 @@ from halo_p2p.predictor import PredictorPolicy, load_predictor_for
 from halo_p2p.scheduler import GroupStats, peer_models_from, schedule_for_layout
 from halo_p2p.session.coordinator import Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
-from halo_p2p.session.replan import ReplanningEngine
+from halo_p2p.session.replan import ReplanningEngine, ReplanningFacade
 
 __all__ = ["SwarmEngine", "open_swarm_engine", "wait_for_model_peers"]
 
@@ -52,28 +48,12 @@ async def wait_for_model_peers(node: PeerNode, held: HeldModel, *, wait_s: float
 
 
 @dataclass(slots=True)
-class SwarmEngine:
+class SwarmEngine(ReplanningFacade):
     """An :class:`~halo_p2p.engine.protocol.Engine` over WebRTC workers (closes its links)."""
 
     engine: ReplanningEngine
     links: dict[str, Link]
     peers: dict[str, PeerInfo] = field(default_factory=dict)
-
-    @property
-    def coordinator(self) -> Coordinator:
-        assert self.engine.coordinator is not None
-        return self.engine.coordinator
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.engine.config
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.engine.max_seq_len
-
-    async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
-        return await self.engine.forward(token_ids, start_pos, all_logits=all_logits)
 
     async def aclose(self) -> None:
         await self.engine.aclose()

@@ -18,7 +18,7 @@ from halo_p2p.errors import PeerLost, TransportError
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.session.coordinator import Coordinator
 
-__all__ = ["CoordinatorFactory", "ReplanningEngine"]
+__all__ = ["CoordinatorFactory", "ReplanningEngine", "ReplanningFacade"]
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +107,26 @@ class ReplanningEngine:
     async def aclose(self) -> None:
         if self.coordinator is not None:
             await self.coordinator.aclose()
+
+
+class ReplanningFacade:
+    """The :class:`~halo_p2p.engine.protocol.Engine` face of an object holding a
+    :class:`ReplanningEngine` in ``self.engine`` (the emulated and the real swarm)."""
+
+    engine: ReplanningEngine
+
+    @property
+    def coordinator(self) -> Coordinator:
+        assert self.engine.coordinator is not None
+        return self.engine.coordinator
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.engine.config
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
+        return await self.engine.forward(token_ids, start_pos, all_logits=all_logits)
