@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 """Version of the ``.npz`` layout written by :meth:`Predictor.save`."""
 
-DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Ridge strengths tried per sync point, relative to the mean eigenvalue of ``X^T X``."""
 
 _LOG_FLOOR = 1e-8
@@ -129,8 +130,9 @@ def _log_norms(norms: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(np.asarray(norms, np.float64), _LOG_FLOOR))
 
 
-def _choose_alpha(x: np.ndarray, y: np.ndarray, train: np.ndarray, alphas: Sequence[float]) -> float:
-    """The alpha of lowest validation MSE (train on ``train`` rows, validate on the others)."""
+def _choose_alpha(x: np.ndarray, y: np.ndarray, train: np.ndarray, alphas: Sequence[float]) -> tuple[float, float]:
+    """The alpha of lowest validation MSE (fit on ``train`` rows, validate on the others), and
+    the validation recall at half the groups of that fit."""
     x64, y64 = np.asarray(x, np.float64), _log_norms(y)
     xt, yt, xv, yv = x64[train], y64[train], x64[~train], y64[~train]
     mx, my = xt.mean(0), yt.mean(0)
@@ -138,13 +140,13 @@ def _choose_alpha(x: np.ndarray, y: np.ndarray, train: np.ndarray, alphas: Seque
     evals, evecs = np.linalg.eigh(xc.T @ xc)
     proj = evecs.T @ (xc.T @ (yt - my))                                   # (dim, n_out)
     scale = max(evals.sum() / len(evals), 1e-12)
-    best, best_mse = alphas[0], np.inf
+    best, best_mse, best_pred = alphas[0], np.inf, yv
     for a in alphas:
-        w = evecs @ (proj / (np.maximum(evals, 0) + a * scale)[:, None])
-        mse = float(np.mean(((xv - mx) @ w + my - yv) ** 2))
+        pred = (xv - mx) @ (evecs @ (proj / (np.maximum(evals, 0) + a * scale)[:, None])) + my
+        mse = float(np.mean((pred - yv) ** 2))
         if mse < best_mse:
-            best, best_mse = a, mse
-    return best
+            best, best_mse, best_pred = a, mse, pred
+    return best, recall_at_k(best_pred, yv, max(1, yv.shape[1] // 2))
 
 
 def fit_predictor(data: CalibrationSet, *, model_sha256: str, rank: int | None = None,
@@ -173,15 +175,22 @@ def fit_predictor(data: CalibrationSet, *, model_sha256: str, rank: int | None =
     train = ~np.isin(data.sequence_ids, seqs[len(seqs) - n_val:]) if n_val else None
     weights: dict[int, list[tuple[np.ndarray, np.ndarray | None, np.ndarray]]] = {}
     chosen: dict[str, list[float]] = {}
+    val_recall: dict[str, float] = {}
+    label_mean: dict[str, list[list[float]]] = {}
     for part in PARTS:
-        weights[part], chosen[_PART_NAMES[part]] = [], []
+        name = _PART_NAMES[part]
+        weights[part], chosen[name], label_mean[name], recalls = [], [], [], []
         for layer in range(data.layout.n_layers):
             x, y = data.xn[part][layer], data.norms[part][layer]
-            alpha = _choose_alpha(x, y, train, alphas) if train is not None else alphas[0]
-            chosen[_PART_NAMES[part]].append(alpha)
+            alpha, recall = _choose_alpha(x, y, train, alphas) if train is not None else (alphas[0], np.nan)
+            chosen[name].append(alpha)
+            recalls.append(recall)
+            label_mean[name].append(np.round(_log_norms(y).mean(0), 4).tolist())
             weights[part].append(fit_ridge(x, _log_norms(y), alpha, rank))
+        val_recall[name] = round(float(np.mean(recalls)), 4)
     meta = {"calibration_tokens": data.n_tokens, "calibration_sequences": len(seqs), "alphas": chosen,
-            "rank": rank, "target": "log L2 norm of the group partial", **(metadata or {})}
+            "rank": rank, "target": "log L2 norm of the group partial", "validation_sequences": n_val,
+            "validation_recall_at_half": val_recall, "label_mean": label_mean, **(metadata or {})}
     log.info("fitted predictor on %d tokens (%d sequences), rank %s", data.n_tokens, len(seqs), rank)
     return Predictor(weights, layout=data.layout, model_sha256=model_sha256, metadata=meta)
 
@@ -267,7 +276,7 @@ class Predictor:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {k: z[k] for k in z.files if k != "meta"}
-        except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:   # JSONDecodeError is a ValueError
             raise ModelFormatError(f"{path} is not a halo-p2p predictor file ({exc})",
                                    "delete it and recalibrate: halo-peer calibrate") from None
         if meta.get("format_version") != FORMAT_VERSION:
@@ -323,26 +332,30 @@ class PredictorPolicy:
         self.k = {ATTN: _k_of(critical if attn_critical is None else attn_critical, lay.n_attn),
                   MLP: _k_of(critical, lay.n_mlp)}
         self._all = {part: frozenset(range(lay.n_groups(part))) for part in PARTS}
-        self._w = {(layer, part): predictor.weights[part][layer] for part in PARTS for layer in range(lay.n_layers)}
+        self._w = {(layer, part): (u, v, b[None, :]) for part in PARTS
+                   for layer, (u, v, b) in enumerate(predictor.weights[part])}
 
     def critical(self, layer: int, part: int, x: np.ndarray) -> frozenset[int]:
         """Indices of the ``k`` groups of highest predicted importance at (layer, part).
+
+        Costs a few microseconds (one or two small matmuls and an argsort), so it may run on
+        the event loop.
 
         Args:
             x: ``(T, dim)`` float32 normalized input.
         """
         k = self.k[part]
-        n = len(self._all[part])
+        every = self._all[part]
+        n = len(every)
         if k >= n:
-            return self._all[part]
+            return every
         if k == 0:
             return frozenset()
         u, v, b = self._w[(layer, part)]
-        h = (x[0] if x.shape[0] == 1 else x) @ u
-        s = (h if v is None else h @ v) + b
-        if s.ndim > 1:
-            s = s.max(axis=0)
-        return frozenset(np.argpartition(s, n - k)[n - k:].tolist())
+        h = x @ u                                   # 2-D matmul: BLAS even for one row
+        s = (h if v is None else h @ v) + b         # (T, n)
+        row = s[0] if s.shape[0] == 1 else s.max(axis=0)
+        return frozenset(np.argsort(row)[n - k:].tolist())
 
 
 def recall_at_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -354,6 +367,8 @@ def recall_at_k(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
         k: groups kept, ``1 <= k <= n``.
     Returns:
         Recall in [0, 1], averaged over tokens; a random ranking scores ``k / n`` in expectation.
+    Raises:
+        ValueError: ``k`` outside ``[1, n]``.
     """
     n = scores.shape[1]
     if not 1 <= k <= n:
