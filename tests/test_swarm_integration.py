@@ -100,7 +100,8 @@ async def netns_run(env: dict[str, str], tmp: Path, plr: float, modes: tuple[str
             proc = await lan.spawn(0, [sys.executable, "-m", "halo_p2p", "generate", "--model",
                                        "smollm2-135m-instruct", "--chat", "--prompt", QUESTION, "--temperature", "0",
                                        "--max-tokens", str(tokens), "--json", "--sync", mode, "--planner", planner,
-                                       "--address", lan.address(0), "--wait-peers", "4"],
+                                       "--address", lan.address(0), "--wait-peers", "60",
+                                       "--max-peers", "3"],   # returns once all 3 are seen
                                    env=_peer_env(env, tmp, f"coord-{mode}"), stdout=asyncio.subprocess.PIPE,
                                    stderr=asyncio.subprocess.PIPE)
             out, err = await asyncio.wait_for(proc.communicate(), 600)

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from halo_p2p.discovery import PeerInfo
-from halo_p2p.errors import HaloError
+from halo_p2p.errors import AuthError, HaloError
 from halo_p2p.groups import PARTS, GroupLayout
 from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
 from halo_p2p.net.link import Link
@@ -62,7 +62,8 @@ class SwarmEngine(ReplanningFacade):
 
 async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOptions, *, wait_s: float = 3.0,
                             max_workers: int | None = None, critical_fraction: float = 0.5,
-                            connect_timeout_s: float = 10.0, planner: str = "schedule") -> SwarmEngine:
+                            connect_timeout_s: float = 10.0, dial_attempts: int = 2,
+                            planner: str = "schedule") -> SwarmEngine:
     """Connect to the peers holding ``held`` and start a session over them.
 
     ``planner="schedule"`` places groups with the load-balancing scheduler (peers' measured
@@ -77,13 +78,18 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
     cfg = node.config
 
     async def dial(p: PeerInfo) -> tuple[PeerInfo, Link] | None:
-        try:
-            link = await connect(p.host, p.signaling_port, peer_id=cfg.peer_id, name=cfg.name,
-                                 swarm_key=cfg.swarm_key, timeout_s=connect_timeout_s, expect_peer_id=p.peer_id)
-            return p, link
-        except HaloError as exc:
-            log.warning("cannot use peer %s (%s): %s", p.name, p.address, exc)
-            return None
+        for attempt in range(1, dial_attempts + 1):   # a lossy link can lose ICE/DTLS/SCTP handshake packets
+            try:
+                link = await connect(p.host, p.signaling_port, peer_id=cfg.peer_id, name=cfg.name,
+                                     swarm_key=cfg.swarm_key, timeout_s=connect_timeout_s, expect_peer_id=p.peer_id)
+                return p, link
+            except AuthError as exc:                # a refusal is final: retrying cannot fix a wrong key
+                log.warning("cannot use peer %s (%s): %s", p.name, p.address, exc)
+                return None
+            except HaloError as exc:
+                log.warning("cannot use peer %s (%s), attempt %d/%d: %s", p.name, p.address, attempt,
+                            dial_attempts, exc)
+        return None
 
     dialed = [d for d in await asyncio.gather(*(dial(p) for p in found)) if d is not None]
     if not dialed:
