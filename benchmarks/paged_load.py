@@ -9,11 +9,17 @@ warm-up token that is not measured. Cases, each in its own process so peak RSS i
   more than w1's share, so after the first pass every block stays resident.
 * ``all-*``: one peer holding every group with a budget of 40 % of them (the hard case), paged
   with prefetch 2 and the furthest-next-use policy, with LRU, and without prefetch.
+* ``*-cached``: the same with a block cache (``PagedShard(block_cache=...)``): a fresh cache
+  folder (under ``--cache-root``, default the system temporary folder; deleted afterwards) is
+  filled by :meth:`PagedShard.warm` before the clock starts (``warm_s``), so every load copies a
+  float32 block from the cache file (``readinto``; ``-mmap``: memory-mapped, then ``np.copyto``)
+  instead of dequantizing Q4_1; ``-prefetch4`` loads 4 sync points ahead instead of 2.
 
 ``resident`` rows use :class:`GroupShard` (everything loaded up front). ``checksum`` (float64
 sum of every partial) must match between a case's resident and paged rows: they are exact.
 
     python benchmarks/paged_load.py [--model PATH] [--tokens 32] [--budget 0.4] [--threads 1]
+                                    [--cases all-resident all-paged ...] [--cache-root DIR] [--no-probe]
 
 ``--threads`` sets OMP/MKL threads of torch in the case processes (default 1: on this
 2-core shared box, 2 OpenMP threads under contention cost ~20x per small matmul).
@@ -25,8 +31,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,19 +44,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from halo_p2p.groups import GroupLayout
+from halo_p2p.model.block_cache import BlockCache, source_key
 from halo_p2p.model.gguf import GgufModel
 from halo_p2p.model.paged import PagedShard
 from halo_p2p.model.shard import GroupShard
 from halo_p2p.plan import PlacementPlan
 
 MODEL = "/work/shared/models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
-CASES = {  # name: (groups, shard kind, prefetch, policy)
-    "w1-resident": ("w1", "resident", 0, "-"),
-    "w1-paged": ("w1", "paged", 2, "furthest"),
-    "all-resident": ("all", "resident", 0, "-"),
-    "all-paged": ("all", "paged", 2, "furthest"),
-    "all-paged-lru": ("all", "paged", 2, "lru"),
-    "all-paged-noprefetch": ("all", "paged", 0, "furthest"),
+CASES = {  # name: (groups, shard kind, prefetch, policy, block cache read mode or None)
+    "w1-resident": ("w1", "resident", 0, "-", None),
+    "w1-paged": ("w1", "paged", 2, "furthest", None),
+    "all-resident": ("all", "resident", 0, "-", None),
+    "all-paged": ("all", "paged", 2, "furthest", None),
+    "all-paged-lru": ("all", "paged", 2, "lru", None),
+    "all-paged-noprefetch": ("all", "paged", 0, "furthest", None),
+    "all-paged-cached": ("all", "paged", 2, "furthest", "file"),
+    "all-paged-cached-mmap": ("all", "paged", 2, "furthest", "mmap"),
+    "all-paged-cached-prefetch4": ("all", "paged", 4, "furthest", "file"),
+    "all-paged-cached-noprefetch": ("all", "paged", 0, "furthest", "file"),
 }
 
 
@@ -58,7 +71,7 @@ def _rss_mb() -> float:
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict:
-    which, kind, prefetch, policy = CASES[name]
+    which, kind, prefetch, policy, cached = CASES[name]
     source = GgufModel.open(args.model)
     layout = GroupLayout.from_config(source.config)
     everything = layout.all_groups()
@@ -67,13 +80,22 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     share_bytes = sum(layout.group_params(g.part) * 4 for g in groups)
     budget = int(args.budget * (full_bytes if which == "w1" else share_bytes))
     rss0 = _rss_mb()
+    root = cache = None
+    if cached:
+        root = Path(tempfile.mkdtemp(prefix="paged-cache-", dir=args.cache_root))
+        cache = BlockCache(root, source_key(source), read=cached)
     t0 = time.perf_counter()
     if kind == "resident":
         shard = GroupShard(source, layout, groups, max_seq_len=args.tokens + 8)
     else:
         shard = PagedShard(source, layout, groups, max_seq_len=args.tokens + 8, memory_budget_bytes=budget,
-                           prefetch_layers=prefetch, policy=policy)
+                           prefetch_layers=prefetch, policy=policy, block_cache=cache)
     build_s = time.perf_counter() - t0
+    warm_s = None
+    if root is not None:
+        t0 = time.perf_counter()
+        shard.warm()                                        # fill the cache: every block dequantized once
+        warm_s = time.perf_counter() - t0
     points = sorted({(g.layer, g.part) for g in groups})
     rng = np.random.default_rng(0)
     inputs = {p: rng.standard_normal((1, layout.dim)).astype(np.float32) for p in points}
@@ -95,15 +117,20 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
            "token_ms_mean": 1e3 * float(np.mean(per_token)), "token_ms_median": 1e3 * float(np.median(per_token)),
            "checksum": checksum, "rss_before_mb": rss0,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "weight_mb": shard.weight_bytes() / 2**20, "budget_mb": budget / 2**20 if kind == "paged" else None}
+           "weight_mb": shard.weight_bytes() / 2**20, "budget_mb": budget / 2**20 if kind == "paged" else None,
+           "warm_s": warm_s}
     if kind == "paged":
         s = shard.stats()
         row |= {k: s[k] for k in ("load_s_total", "wait_s_total", "compute_s_total", "hidden_fraction", "loads",
-                                  "prefetch_loads", "inline_loads", "hits", "evictions")}
+                                  "prefetch_loads", "inline_loads", "hits", "evictions", "cache_hits",
+                                  "cache_misses", "cache_rebuilds")}
         row["peak_resident_mb"] = s["peak_resident_bytes"] / 2**20
         row["kv_mb"] = s["kv_bytes"] / 2**20
         row["hidden_bound"] = min(1.0, s["compute_s_total"] / s["load_s_total"]) if s["load_s_total"] else 1.0
+        row["load_ms_per_block"] = 1e3 * s["load_s_total"] / max(1, s["loads"])
         shard.close()
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
     return row
 
 
@@ -177,7 +204,8 @@ def _concurrently(load_job: tuple[Callable[[], object], Callable[[], object]], c
 
 def _table(rows: list[dict]) -> str:
     head = ("| case | groups (MB fp32) | budget MB | first token s | ms/token (mean / median) | load s | wait s "
-            "| hidden | bound | loads (prefetch/inline) | hits | peak resident MB | KV MB | peak RSS MB | checksum |")
+            "| hidden | bound | loads (prefetch/inline) | load ms/block | cache hits | hits | peak resident MB | KV MB "
+            "| peak RSS MB | checksum |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         paged = "load_s_total" in r
@@ -190,7 +218,8 @@ def _table(rows: list[dict]) -> str:
             f"| {r['case']} | {r['groups']} ({r['share_mb']:.0f}) | {f('budget_mb', '.0f')} | {r['first_token_s']:.2f} "
             f"| {r['token_ms_mean']:.1f} / {r['token_ms_median']:.1f} | {f('load_s_total', '.2f')} "
             f"| {f('wait_s_total', '.2f')} | {f('hidden_fraction', '.3f')} | {f('hidden_bound', '.3f')} "
-            f"| {loads} | {f('hits', 'd')} | {f('peak_resident_mb', '.1f')} | {f('kv_mb', '.1f')} "
+            f"| {loads} | {f('load_ms_per_block', '.1f')} | {f('cache_hits', 'd')} | {f('hits', 'd')} "
+            f"| {f('peak_resident_mb', '.1f')} | {f('kv_mb', '.1f')} "
             f"| {r['peak_rss_mb']:.0f} | {r['checksum']:.6e} |")
     return "\n".join(lines)
 
@@ -206,6 +235,8 @@ def main() -> None:
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-rounds", type=int, default=9)
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--cache-root", type=Path, help="folder for the *-cached cases' temporary block caches")
+    p.add_argument("--no-probe", action="store_true", help="skip the load/compute overlap probe")
     args = p.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args)))
@@ -216,14 +247,24 @@ def main() -> None:
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     base = [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens), "--budget", str(args.budget),
             "--probe-rounds", str(args.probe_rounds)]
+    if args.cache_root:
+        base += ["--cache-root", str(args.cache_root)]
     rows = []
     for name in args.cases:
         out = subprocess.run([*base, "--case", name], env=env, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{name}: {rows[-1]['token_ms_mean']:.1f} ms/token", file=sys.stderr)
+    print(_table(rows))
+    for r in rows:
+        if r.get("warm_s") is not None:
+            print(f"{r['case']}: cache filled by warm() in {r['warm_s']:.2f} s before the measurement")
+    probe = None
+    if args.no_probe:
+        if args.out:
+            args.out.write_text(json.dumps({"rows": rows, "probe": probe, "threads": args.threads}, indent=2))
+        return
     probe = json.loads(subprocess.run([*base, "--probe"], env=env, check=True, capture_output=True,
                                       text=True).stdout.strip().splitlines()[-1])
-    print(_table(rows))
     pr = {k: f"{v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for k, v in probe.items()}
     print(f"\noverlap probe (layers 0-3, {args.probe_rounds} rounds, median [min, max], {args.threads} torch "
           f"thread(s)): load alone {pr['load_s']} s, compute alone {pr['compute_s']} s; overlap (fraction of the "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 from halo_p2p.errors import ConfigError, ModelFormatError
 from halo_p2p.groups import ATTN, MLP, PARTS, GroupId, GroupLayout
+from halo_p2p.model.block_cache import BlockCache, source_key
 from halo_p2p.model.llama2c import Llama2cModel
 from halo_p2p.model.paged import PagedShard
 from halo_p2p.model.registry import resolve
@@ -174,3 +177,93 @@ def test_load_errors_surface_from_partials(source, layout, prefetch) -> None:
             paged.partials(2, MLP, x, 0)
         assert paged.partials(3, MLP, x, 0).shape == (1, 1, layout.dim)   # the shard still works
         assert paged.stats()["resident_bytes"] == 3 * layout.group_params(MLP) * 4
+
+
+def _exact(got, want) -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == np.float32 and g.shape == w.shape, i
+        np.testing.assert_array_equal(g, w, err_msg=f"call {i}")
+
+
+@pytest.mark.parametrize("weights", ["file", "slices"])
+def test_block_cache_is_exact_and_read_by_the_next_shard(source, layout, tmp_path, weights) -> None:
+    groups = _non_contiguous(layout)
+    ref = GroupShard(source, layout, groups, max_seq_len=SEQ)
+    want = _run(ref, layout)
+    budget = int(0.4 * ref.weight_bytes())
+    w = source if weights == "file" else SliceWeights(source, layout)
+    runs = []
+    for _ in range(2):                                  # the second shard finds every block on disk
+        with PagedShard(w, layout, groups, max_seq_len=SEQ, memory_budget_bytes=budget, block_cache=tmp_path) as paged:
+            _exact(_run(paged, layout), want)
+            runs.append(paged.stats())
+            n_blocks = len(paged.order)
+    first, second = runs
+    files = sorted((tmp_path / "blocks" / source_key(w)[:16]).glob("*.npy"))
+    assert len(files) == n_blocks
+    assert sum(f.stat().st_size for f in files) >= ref.weight_bytes()       # float32 blocks plus .npy headers
+    # "loads" counts prefetches when scheduled; up to prefetch_layers=2 may not have run yet
+    assert first["cache_misses"] == n_blocks and 0 < first["loads"] - 2 <= first["cache_hits"] + n_blocks
+    assert first["cache_hits"] + n_blocks <= first["loads"]
+    assert second["cache_misses"] == 0 and 0 < second["loads"] - 2 <= second["cache_hits"] <= second["loads"]
+    for s in runs:
+        assert s["cache_rebuilds"] == s["cache_write_errors"] == 0 and s["evictions"] > 0
+        assert s["peak_resident_bytes"] <= budget
+    # another set of groups never reads these blocks (the file name covers the indices)
+    with PagedShard(w, layout, layout.all_groups(), max_seq_len=SEQ, memory_budget_bytes=budget,
+                    block_cache=tmp_path) as other:
+        _run(other, layout, decode=0)
+        assert other.stats()["cache_misses"] == len(other.order)
+
+
+@pytest.mark.parametrize("read", ["file", "mmap"])
+def test_damaged_cache_files_are_rebuilt(source, layout, tmp_path, caplog, read) -> None:
+    groups = layout.all_groups()
+    ref = GroupShard(source, layout, groups, max_seq_len=SEQ)
+    cache = BlockCache(tmp_path, "0123456789abcdef-test", read=read)
+    kw = {"max_seq_len": SEQ, "memory_budget_bytes": int(0.4 * ref.weight_bytes()), "block_cache": cache}
+    with PagedShard(source, layout, groups, **kw) as paged:
+        assert paged.warm() == len(paged.order)
+        assert paged.warm() == 0                                  # nothing missing any more
+        assert paged.stats()["loads"] == 0 and paged.weight_bytes() == 0
+    files = sorted(cache.folder.glob("*.npy"))
+    sizes = {f: f.stat().st_size for f in files}
+    truncated, garbage, empty = files[0], files[1], files[2]
+    with open(truncated, "r+b") as f:
+        f.truncate(sizes[truncated] // 2)
+    garbage.write_bytes(b"not a numpy file at all")
+    empty.write_bytes(b"")
+    np.save(files[3], np.zeros(7, np.float32))                   # a valid .npy of the wrong length
+    with caplog.at_level(logging.WARNING, logger="halo_p2p.model.block_cache"), \
+            PagedShard(source, layout, groups, **kw) as paged:
+        _exact(_run(paged, layout), _run(ref, layout))
+        s = paged.stats()
+    assert s["cache_rebuilds"] == 4 and s["cache_misses"] == 0
+    assert s["loads"] - 2 <= s["cache_hits"] + 4 <= s["loads"]
+    assert sum("deleting it" in r.message for r in caplog.records) == 4
+    assert {f: f.stat().st_size for f in files} == sizes                # rewritten whole
+    assert not list(cache.folder.glob(".*.tmp"))
+
+
+def test_unwritable_cache_still_computes(source, layout, tmp_path) -> None:
+    (tmp_path / "blocks").write_text("a file where the cache folder should be")
+    groups = [GroupId(layer, MLP, 0) for layer in range(layout.n_layers)]
+    ref = GroupShard(source, layout, groups, max_seq_len=SEQ)
+    with PagedShard(source, layout, groups, max_seq_len=SEQ, memory_budget_bytes=ref.weight_bytes() // 2,
+                    block_cache=tmp_path) as paged:
+        _exact(_run(paged, layout, decode=1), _run(ref, layout, decode=1))
+        s = paged.stats()
+    assert s["cache_write_errors"] == s["cache_misses"] > 0 and s["cache_hits"] == 0
+
+
+def test_cache_root_needs_a_source_with_identity(source, layout, tmp_path) -> None:
+    class Anonymous:
+        config = source.config
+
+        def load(self, name, rows=None):
+            return source.load(name, rows)
+
+    with pytest.raises(ConfigError, match="block-cache key"):
+        PagedShard(Anonymous(), layout, layout.all_groups(), max_seq_len=SEQ, memory_budget_bytes=1 << 30,
+                   block_cache=tmp_path)

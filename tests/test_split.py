@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import numpy as np
 import pytest
@@ -92,13 +93,14 @@ def test_worker_holds_only_its_share_of_weights(stories) -> None:
     assert plan.share("a") == pytest.approx(0.5, abs=0.06)
 
 
-async def _halo_run(source, tok, seed: int, plr: float = 0.05):
+async def _halo_run(source, tok, seed: int, plr: float = 0.05, uplink_parity: bool = True):
     lossy = LinkConditions(plr=plr, delay_s=0.002)
     peers = [PeerProfile(name="c"), PeerProfile(name="w1", link=LinkConditions(delay_s=0.002)),
              PeerProfile(name="w2", link=lossy)]
     options = SessionOptions(mode="halo", wire_dtype="float16", max_seq_len=512, initial_deadline_s=0.2,
                              deadline_floor_s=0.05)   # generous deadlines: only lost partials are skipped
-    swarm = await start_emulated_swarm(source, peers, options, critical_fraction=0.5, seed=seed)
+    swarm = await start_emulated_swarm(source, peers, options, critical_fraction=0.5, seed=seed,
+                                       uplink_parity=uplink_parity)
     try:
         async with asyncio.timeout(60):                  # never stalls
             gen = Generator(swarm.coordinator, tok)
@@ -112,14 +114,25 @@ async def _halo_run(source, tok, seed: int, plr: float = 0.05):
 
 async def test_halo_under_loss_skips_groups_and_is_reproducible(stories) -> None:
     source, tok = stories
-    tokens, records = await _halo_run(source, tok, seed=3)
+    run = functools.partial(_halo_run, source, tok, uplink_parity=False)   # uplink FEC would hide most losses
+    tokens, records = await run(seed=3)
     assert len(tokens) == 40
     assert sum(r["skipped_groups"] for r in records) > 0
     skipped = [r["skipped"] for r in records]
-    again_tokens, again = await _halo_run(source, tok, seed=3)
+    again_tokens, again = await run(seed=3)
     assert again_tokens == tokens and [r["skipped"] for r in again] == skipped
-    _, other = await _halo_run(source, tok, seed=4)
+    _, other = await run(seed=4)
     assert [r["skipped"] for r in other] != skipped
+
+
+async def test_uplink_parity_rebuilds_lost_partials(stories) -> None:
+    """Same seed and loss: with PartialParity frames fewer groups are skipped, some are rebuilt."""
+    source, tok = stories
+    _, plain = await _halo_run(source, tok, seed=3, plr=0.1, uplink_parity=False)
+    _, fec = await _halo_run(source, tok, seed=3, plr=0.1)
+    assert sum(r["recovered_groups"] for r in plain) == 0
+    assert sum(r["recovered_groups"] for r in fec) > 0
+    assert sum(r["skipped_groups"] for r in fec) < sum(r["skipped_groups"] for r in plain) / 2
 
 
 class _Tamper:

@@ -30,6 +30,7 @@ from halo_p2p.wire import (
     Message,
     NeedInput,
     Partial,
+    PartialParity,
     Plan,
     PlanReady,
     Resend,
@@ -51,6 +52,8 @@ EXAMPLES: dict[type, Message] = {
                            data=np.array([1.0, -2.0, 0.5, 65504.0], np.float16)),
     Partial: Partial(session=SESSION, step=7, layer=3, part=0, group=5, offset=4,
                      data=np.array([0.25, -0.0, 1.5], np.float32)),
+    PartialParity: PartialParity(session=SESSION, step=7, layer=3, part=1, group=5, n_data=2,
+                                 data=np.array([0x3C00 ^ 0xC000, 0x3800], np.uint16)),
     Resend: Resend(session=SESSION, step=7, layer=3, part=0, groups=(1, 5, 30)),
     NeedInput: NeedInput(session=SESSION, step=7, layer=3, part=1),
     Plan: Plan(session=SESSION, model_sha256=SHA, plan={"groups": {"0": [0, 1]}, "peers": ["a", "b"]},
@@ -97,7 +100,7 @@ def test_registry_covers_the_union_and_kinds_fit_one_byte() -> None:
     assert set(typing.get_args(Message)) == set(MESSAGE_TYPES) == set(REGISTRY.values())
     assert all(REGISTRY[cls.KIND] is cls and 0 < cls.KIND < 24 for cls in MESSAGE_TYPES)
     assert {cls.__name__ for cls in MESSAGE_TYPES if not cls.RELIABLE} == {
-        "LayerInput", "Partial", "Resend", "NeedInput", "Heartbeat", "HeartbeatAck"}
+        "LayerInput", "Partial", "PartialParity", "Resend", "NeedInput", "Heartbeat", "HeartbeatAck"}
 
 
 def test_messages_are_frozen_kw_only_and_compare_arrays_bitwise() -> None:
@@ -186,6 +189,9 @@ def random_message(rng: np.random.Generator) -> Message:
     if cls is Partial:
         return Partial(**where, group=u(), offset=u(),
                        data=random_array(rng, str(rng.choice(["float16", "float32"]))))
+    if cls is PartialParity:
+        return PartialParity(**where, group=u(), n_data=max(1, u()),
+                             data=random_array(rng, str(rng.choice(["uint16", "uint32"]))))
     if cls is Resend:
         return Resend(**where, groups=tuple(u() for _ in range(int(rng.integers(1, 40)))))
     if cls is NeedInput:

@@ -17,6 +17,11 @@ reported separately as ``kv_bytes`` in :meth:`PagedShard.stats`. Transient buffe
 progress (the whole dequantized Wo/W2 of a layer, which are sliced by columns, and the
 concatenation copies) are not counted; peak RSS shows them.
 
+Block cache (opt-in, ``block_cache=``): dequantizing Q4_1 costs ~10x a block's compute. With a
+:class:`~halo_p2p.model.block_cache.BlockCache` the first build of a block (or :meth:`PagedShard.warm`)
+writes its final float32 matrices to disk as one flat array; later loads read it into a fresh
+tensor (process memory, counted in the budget) whose views are the shard's matrices: exact.
+
 Eviction: the shard's sync points are visited in a fixed cyclic order (layer by layer, wrapping
 to layer 0 at the next token), so the block needed furthest in the future is known. The default
 ``policy="furthest"`` evicts it first (Belady's rule); ``policy="lru"`` evicts the least recently
@@ -32,6 +37,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -39,6 +45,7 @@ import torch
 
 from halo_p2p.errors import ConfigError
 from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
+from halo_p2p.model.block_cache import BlockCache, flat_block, source_key
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables
 from halo_p2p.model.shard import GroupWeights
 from halo_p2p.model.source import TensorSource
@@ -59,30 +66,6 @@ class _Block:
     last_use: int
 
 
-def _runs(idx: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive indices as half-open ``(first, stop)`` pairs."""
-    runs: list[tuple[int, int]] = []
-    for i in idx:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-def _load_rows(source: TensorSource, name: str, spans: list[tuple[int, int]]) -> np.ndarray:
-    return np.concatenate([source.load(name, rows=s) for s in spans])
-
-
-def _load_cols(source: TensorSource, name: str, spans: list[tuple[int, int]]) -> np.ndarray:
-    full = source.load(name)                    # column slices need the whole matrix dequantized
-    return np.concatenate([full[:, a:b] for a, b in spans], axis=1)
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
 class PagedShard:
     """The neuron groups of one peer with their weights paged under a memory budget.
 
@@ -100,20 +83,27 @@ class PagedShard:
         prefetch_layers: how many of the shard's next sync points (``(layer, part)`` pairs where
             it holds groups, wrapping to layer 0) to load in the background after each call.
         policy: eviction rule, ``"furthest"`` (next use furthest away) or ``"lru"``.
+        block_cache: a :class:`~halo_p2p.model.block_cache.BlockCache`, or a cache root folder
+            (blocks then go to ``<root>/blocks/<source_key(weights)[:16]>/``); ``None`` (default)
+            dequantizes every load from ``weights``.
 
     Raises:
         ConfigError: the budget is below the largest block (one sync point's weights), a
-            negative ``prefetch_layers``, or an unknown policy.
+            negative ``prefetch_layers``, an unknown policy, or a cache root for weights that
+            name no file (see :func:`~halo_p2p.model.block_cache.source_key`).
     """
 
     def __init__(self, weights: GroupWeights | TensorSource, layout: GroupLayout, groups: Iterable[GroupId], *,
                  max_seq_len: int, memory_budget_bytes: int, prefetch_layers: int = 2,
-                 policy: Policy = "furthest") -> None:
+                 policy: Policy = "furthest", block_cache: BlockCache | Path | str | None = None) -> None:
         if policy not in ("furthest", "lru"):
             raise ConfigError(f"unknown paging policy {policy!r}", "use 'furthest' or 'lru'")
         if prefetch_layers < 0:
             raise ConfigError(f"prefetch_layers={prefetch_layers} is negative", "use 0 or more")
         self.weights, self.layout, self.max_seq_len = weights, layout, max_seq_len
+        if block_cache is not None and not isinstance(block_cache, BlockCache):
+            block_cache = BlockCache(block_cache, source_key(weights))
+        self.block_cache: BlockCache | None = block_cache
         self.budget, self.prefetch_layers, self.policy = int(memory_budget_bytes), prefetch_layers, policy
         self.index: dict[Key, list[int]] = {}
         for g in sorted(set(groups)):
@@ -218,7 +208,10 @@ class PagedShard:
             nothing loaded), ``loads`` (= ``prefetch_loads + inline_loads``), ``hits`` (calls
             whose block was resident), ``evictions``, ``calls``, ``resident_bytes``,
             ``peak_resident_bytes`` (high-water mark of resident plus loading bytes),
-            ``budget_bytes``, ``kv_bytes``, ``total_block_bytes``, ``policy``.
+            ``budget_bytes``, ``kv_bytes``, ``total_block_bytes``, ``policy``; block-cache
+            counts over loads (all 0 without a cache): ``cache_hits`` (copied from the cache),
+            ``cache_misses`` (dequantized, then written), ``cache_rebuilds`` (damaged file deleted,
+            dequantized, written again), ``cache_write_errors``.
         """
         with self._lock:
             load, wait = self._load_s, self._wait_s
@@ -230,7 +223,7 @@ class PagedShard:
                 "calls": self._calls, "resident_bytes": sum(b.nbytes for b in self._blocks.values()),
                 "peak_resident_bytes": self._peak, "budget_bytes": self.budget, "kv_bytes": self.kv_bytes(),
                 "total_block_bytes": sum(self.block_bytes.values()), "policy": self.policy,
-            }
+            } | dict(self._cache_counts)
 
     def reset_stats(self) -> None:
         """Zero the counters and timers; the high-water mark restarts at the current bytes."""
@@ -238,6 +231,21 @@ class PagedShard:
             self._load_s = self._wait_s = self._compute_s = 0.0
             self._prefetch_loads = self._inline_loads = self._hits = self._evictions = self._calls = 0
             self._peak = self._committed()
+            self._cache_counts = dict.fromkeys(("cache_hits", "cache_misses", "cache_rebuilds",
+                                                "cache_write_errors"), 0)
+
+    def warm(self) -> int:
+        """Write every block missing from the block cache (on this thread, one block in memory at
+        a time, outside the budget and the counters) and return how many were written; a no-op
+        without a cache. Raises ModelFormatError if reading the weights fails."""
+        if self.block_cache is None:
+            return 0
+        built = 0
+        for key in self.order:
+            name = self._cache_name(key)
+            if not self.block_cache.path(name).is_file():
+                built += self.block_cache.put(name, self._dequantize(*key).numpy())
+        return built
 
     def close(self) -> None:
         """Stop the loader thread (waiting for a load in flight) and drop every block."""
@@ -351,32 +359,44 @@ class PagedShard:
             self._inflight.pop(key, None)
             self._load_s += dt
 
+    def _cache_name(self, key: Key) -> str:
+        return BlockCache.name(*key, (repr(self.layout), tuple(self.index[key])))
+
     def _build(self, layer: int, part: int) -> AttentionShard | MlpShard:
-        """The torch shard of sync point (layer, part): same tensors as GroupShard builds."""
-        idx, lay = self.index[(layer, part)], self.layout
-        if hasattr(self.weights, "group"):
-            with self._weights_lock:
-                parts = [self.weights.group(GroupId(layer, part, i)) for i in idx]  # type: ignore[union-attr]
+        """The torch shard of sync point (layer, part), from the block cache if it has it."""
+        key, cache = (layer, part), self.block_cache
+        if cache is None:
+            return self._shard(key, self._dequantize(layer, part))
+        name, flat = self._cache_name(key), torch.empty(self.block_bytes[key] // _F32)
+        status, write_error = cache.get(name, flat.numpy()), False
+        if status != "hit":                   # absent or damaged (deleted): dequantize and (re)write
+            flat = self._dequantize(layer, part)
+            write_error = not cache.put(name, flat.numpy())
+        counter = {"hit": "cache_hits", "miss": "cache_misses", "damaged": "cache_rebuilds"}[status]
+        with self._lock:
+            self._cache_counts[counter] += 1
+            self._cache_counts["cache_write_errors"] += write_error
+        return self._shard(key, flat)
 
-            def cat(name: str, axis: int = 0) -> np.ndarray:
-                return np.concatenate([w[name] for w in parts], axis=axis)
+    def _dequantize(self, layer: int, part: int) -> torch.Tensor:
+        """The flat float32 block of (layer, part) built from the weights (see :func:`flat_block`)."""
+        flat = torch.from_numpy(flat_block(self.weights, self.layout, layer, part, self.index[(layer, part)],
+                                           self._weights_lock))
+        assert flat.numel() * _F32 == self.block_bytes[(layer, part)], "block size disagrees with the layout"
+        return flat
 
-            w = {n: cat(n) for n in ("wq", "wk", "wv", "w1", "w3") if n in parts[0]}
-            w |= {n: cat(n, 1) for n in ("wo", "w2") if n in parts[0]}
-        else:
-            src: TensorSource = self.weights  # type: ignore[assignment]
-            p, runs = f"layers.{layer}.", _runs(idx)
-            if part == ATTN:
-                q = [(lay.q_rows(a)[0], lay.q_rows(b - 1)[1]) for a, b in runs]
-                kv = [(lay.kv_rows(a)[0], lay.kv_rows(b - 1)[1]) for a, b in runs]
-                w = {"wq": _load_rows(src, p + "wq", q), "wk": _load_rows(src, p + "wk", kv),
-                     "wv": _load_rows(src, p + "wv", kv), "wo": _load_cols(src, p + "wo", q)}
-            else:
-                rows = [(lay.mlp_rows(a)[0], lay.mlp_rows(b - 1)[1]) for a, b in runs]
-                w = {"w1": _load_rows(src, p + "w1", rows), "w3": _load_rows(src, p + "w3", rows),
-                     "w2": _load_cols(src, p + "w2", rows)}
-        if part == ATTN:
-            return AttentionShard(_tensor(w["wq"]), _tensor(w["wk"]), _tensor(w["wv"]), _tensor(w["wo"]),
-                                  lay.q_per_kv, lay.head_dim)
-        assert part == MLP
-        return MlpShard(_tensor(w["w1"]), _tensor(w["w3"]), _tensor(w["w2"]), lay.mlp_group_size)
+    def _shard(self, key: Key, flat: torch.Tensor) -> AttentionShard | MlpShard:
+        """An Attention/MlpShard whose matrices are views of ``flat`` (see :func:`flat_block`),
+        set like their constructors set them but without the concatenation copies."""
+        n, lay, d = len(self.index[key]), self.layout, self.layout.dim
+        if key[1] == ATTN:
+            att = AttentionShard.__new__(AttentionShard)
+            q, kv = n * lay.q_per_kv * lay.head_dim, n * lay.head_dim
+            att.n_groups, att.q_per_kv, att.head_dim, att.q_rows, att.kv_rows = n, lay.q_per_kv, lay.head_dim, q, kv
+            att.wqkv, att.wo = flat[:(q + 2 * kv) * d].view(q + 2 * kv, d), flat[(q + 2 * kv) * d:].view(d, q)
+            return att
+        assert key[1] == MLP
+        mlp, h = MlpShard.__new__(MlpShard), n * lay.mlp_group_size
+        mlp.n_neurons, mlp.group_size = h, lay.mlp_group_size
+        mlp.w13, mlp.w2 = flat[:2 * h * d].view(2 * h, d), flat[2 * h * d:].view(d, h)
+        return mlp

@@ -90,7 +90,7 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
                                critical_fraction: float = 0.5, seed: int = 0, planner: str = "split",
                                compute_gflops: float | None = None, dynamic: bool = False,
                                takeover_budget_bytes: int = 64 << 20,
-                               policy: CriticalityPolicy | None = None) -> EmulatedSwarm:
+                               policy: CriticalityPolicy | None = None, uplink_parity: bool = True) -> EmulatedSwarm:
     """Start ``peers`` (the first is the coordinator) and send them the plan.
 
     Args:
@@ -110,6 +110,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
         dynamic: per-token dynamic placement: the coordinator computes the critical MLP groups of
             lossy peers itself (:class:`~halo_p2p.model.shard.MlpTakeover`, within
             ``takeover_budget_bytes``).
+        uplink_parity: workers follow each group's partial with an XOR parity frame
+            (:class:`~halo_p2p.wire.messages.PartialParity`) on the unreliable channel.
     """
     layout = GroupLayout.from_config(source.config, mlp_group_size)
     names = [p.name for p in peers]
@@ -135,7 +137,7 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
     for i, (profile, thread) in enumerate(zip(peers[1:], threads[1:], strict=True), start=1):
         a, b = memory_link_pair(names[0], profile.name, a_to_b=profile.link, b_to_a=profile.link, seed=seed + i)
         links[profile.name] = a
-        worker = Worker(profile.name, b, open_model, thread)
+        worker = Worker(profile.name, b, open_model, thread, uplink_parity=uplink_parity)
         workers.append(worker)
         tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
 

@@ -14,6 +14,7 @@ from halo_p2p.discovery import model_entry
 from halo_p2p.engine.protocol import GroupCompute
 from halo_p2p.errors import HaloError, ModelNotFound
 from halo_p2p.groups import GroupLayout
+from halo_p2p.model.block_cache import BlockCache, default_cache_root
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.loader import LoadedModel, open_model
 from halo_p2p.model.paged import PagedShard
@@ -109,8 +110,11 @@ class ModelLibrary:
             def factory(groups: list, max_seq_len: int) -> GroupCompute:
                 need = 4 * sum(layout.group_params(g.part) for g in groups)
                 if budget is not None and need > budget:    # page groups in and out (parallel loading)
-                    log.info("groups need %.0f MB, budget %.0f MB: paging", need / 1e6, budget / 1e6)
-                    return PagedShard(source, layout, groups, max_seq_len=max_seq_len, memory_budget_bytes=budget)
+                    cache = BlockCache(default_cache_root(), sha256)    # dequantized blocks: loads are copies
+                    log.info("groups need %.0f MB, budget %.0f MB: paging (block cache %s)", need / 1e6,
+                             budget / 1e6, cache.folder)
+                    return PagedShard(source, layout, groups, max_seq_len=max_seq_len, memory_budget_bytes=budget,
+                                      block_cache=cache)
                 return GroupShard(weights, layout, groups, max_seq_len=max_seq_len)
 
             return layout, factory

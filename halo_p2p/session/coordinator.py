@@ -45,6 +45,7 @@ from halo_p2p.wire.messages import (
     LayerInput,
     NeedInput,
     Partial,
+    PartialParity,
     Plan,
     PlanReady,
     Resend,
@@ -244,6 +245,7 @@ class Coordinator:
         sp = SyncPoint(self.step, layer, part, n_tokens=n_tokens, dim=dim, owners=owners, critical=critical,
                        dtype=self.options.wire_dtype, sent_at_s=loop.time())
         sp.record.taken_over = len(moved)
+        sp.moved = frozenset(moved)               # their workers' partials are superseded, not malformed
         self._remember(sp)
         wire = xn.astype(self.options.wire_dtype).reshape(-1)
         for peer in sorted(set(owners.values())):
@@ -322,7 +324,7 @@ class Coordinator:
             else:
                 wake = now + self.options.stall_timeout_s
                 if self._channel_for(sp.n_tokens) == Channel.UNRELIABLE:   # reliable ones just arrive
-                    for peer, groups in missing_critical.items():
+                    for peer in missing_critical:
                         srtt = self._timers[(peer, sp.part)].srtt or 0.0
                         interval = max(self.options.resend_interval_s, 2 * srtt)
                         due = next_resend[peer]
@@ -333,7 +335,8 @@ class Coordinator:
                         if now >= due:
                             if peer not in last_resend and sp.last_heard_s.get(peer) is None:
                                 self._timers[(peer, sp.part)].backoff()   # nothing arrived by the deadline
-                            await self._send_resend(peer, sp, groups)
+                            # the round trip is paid for the critical groups: ask for the rest too
+                            await self._send_resend(peer, sp, sp.missing_of(peer))
                             tries = sp.record.resends
                             last_resend[peer] = now
                             next_resend[peer] = now + interval * min(64, 2 ** (tries - 1))   # back off
@@ -393,7 +396,7 @@ class Coordinator:
                 self.counters["malformed"] += 1
                 log.debug("malformed frame from %s: %s", peer, exc)
                 continue
-            if isinstance(msg, Partial):
+            if isinstance(msg, Partial | PartialParity):
                 self._on_partial(peer, msg, loop.time())
             elif isinstance(msg, NeedInput):
                 sp = self._recent.get((msg.step, msg.layer, msg.part))
@@ -442,7 +445,7 @@ class Coordinator:
         await self._send(peer, Channel.RELIABLE, codec.encode(WeightsDone(session=self.session)))
         log.info("streamed %.1f MB of group weights to %s", sent / 1e6, peer)
 
-    def _on_partial(self, peer: str, msg: Partial, now: float) -> None:
+    def _on_partial(self, peer: str, msg: Partial | PartialParity, now: float) -> None:
         if msg.session != self.session:
             self.counters["stale"] += 1
             return
@@ -452,10 +455,10 @@ class Coordinator:
             return
         was_done = peer in sp.done_at_s
         try:
-            new = sp.add(peer, msg, now)
+            new = sp.add(peer, msg, now) if isinstance(msg, Partial) else sp.add_parity(peer, msg, now)
         except WireError as exc:
-            self.counters["malformed"] += 1
-            log.debug("dropping partial from %s: %s", peer, exc)
+            self.counters["superseded" if msg.group not in sp.parts and msg.group in sp.moved else "malformed"] += 1
+            log.debug("dropping %s from %s: %s", type(msg).__name__, peer, exc)
             return
         if sp.closed:
             self.counters["late"] += 1

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from halo_p2p.errors import WireError
-from halo_p2p.wire.chunks import Reassembly
-from halo_p2p.wire.messages import Partial
+from halo_p2p.wire import fec
+from halo_p2p.wire.chunks import Reassembly, split_ranges
+from halo_p2p.wire.messages import Partial, PartialParity
 
 __all__ = ["ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord"]
 
@@ -87,6 +88,7 @@ class SyncRecord:
         resends: Resend requests sent for critical groups.
         critical: critical groups at this point.
         taken_over: critical MLP groups of unstable peers computed by the coordinator instead.
+        recovered: groups completed by rebuilding a lost chunk from uplink parity.
     """
 
     layer: int
@@ -98,6 +100,7 @@ class SyncRecord:
     late: int = 0
     resends: int = 0
     critical: int = 0
+    recovered: int = 0
     taken_over: int = 0
     skipped_groups: list[int] = field(default_factory=list)
 
@@ -130,6 +133,7 @@ class StepRecord:
             "wait_ms": 1000 * self.wait_s, "skipped_groups": self.skipped, "late_chunks": self.late,
             "resends": sum(s.resends for s in self.syncs),
             "taken_over": sum(s.taken_over for s in self.syncs),
+            "recovered_groups": sum(s.recovered for s in self.syncs),
             "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
         }
 
@@ -157,6 +161,8 @@ class SyncPoint:
         self.done_at_s: dict[str, float] = {}          # peer -> time its last group completed
         self.retried: set[str] = set()                 # peers asked to resend (Karn: no timing sample)
         self.last_heard_s: dict[str, float] = {}       # peer -> time its last new chunk arrived
+        self.parity: dict[int, PartialParity] = {}     # group -> its uplink parity, until complete
+        self.moved: frozenset[int] = frozenset()       # groups taken over by the coordinator this token
         self.record = SyncRecord(layer, part, critical=len(self.critical))
         self.closed = False
 
@@ -175,6 +181,8 @@ class SyncPoint:
             raise WireError(f"partial of group {msg.group} at layer {self.layer} part {self.part} "
                             f"from {peer!r}, which does not own it", "check the peers run the same plan")
         new = self.parts[msg.group].add(msg.offset, msg.data) > 0
+        if new and msg.group in self.parity:
+            self._recover(msg.group)
         if new:
             self.last_heard_s[peer] = now_s
         if self.closed and new:
@@ -182,6 +190,58 @@ class SyncPoint:
         if new and peer not in self.done_at_s and self.peer_complete(peer):
             self.done_at_s[peer] = now_s
         return new and not self.closed
+
+    def add_parity(self, peer: str, msg: PartialParity, now_s: float) -> bool:
+        """Keep ``msg`` and rebuild its group's one lost data chunk if the others arrived.
+
+        Returns True if that completed the group (new elements, before :meth:`close`).
+
+        Raises:
+            WireError: the group is not ``peer``'s here, ``n_data`` does not split the partial,
+                or the parity has the wrong dtype or length (the caller drops and counts it).
+        """
+        if self.owners.get(msg.group) != peer:
+            raise WireError(f"parity of group {msg.group} at layer {self.layer} part {self.part} "
+                            f"from {peer!r}, which does not own it", "check the peers run the same plan")
+        part = self.parts[msg.group]
+        if not 1 <= msg.n_data <= part.total_elems:
+            raise WireError(f"parity over {msg.n_data} chunks of a {part.total_elems}-element partial")
+        width = -(-part.total_elems // msg.n_data)           # the longest of split_ranges' chunks
+        bits = fec.parity_dtype(part.array.dtype)
+        if msg.data.dtype != bits or msg.data.shape != (width,):
+            raise WireError(f"parity of group {msg.group} is {msg.data.dtype}[{msg.data.size}], "
+                            f"expected {bits}[{width}]")
+        self.parity[msg.group] = msg
+        if not self._recover(msg.group):
+            return False
+        self.last_heard_s[peer] = now_s
+        if peer not in self.done_at_s and self.peer_complete(peer):
+            self.done_at_s[peer] = now_s
+        return not self.closed
+
+    def _recover(self, group: int) -> bool:
+        """Rebuild one missing data chunk of ``group`` from its parity (uplink FEC); True if done."""
+        part, par = self.parts[group], self.parity[group]
+        if part.complete:
+            del self.parity[group]
+            return False
+        ranges = split_ranges(part.total_elems, par.n_data)
+        have = part.received_mask
+        got = {i: part.array[a:b] for i, (a, b) in enumerate(ranges) if have[a:b].all()}
+        if len(got) != par.n_data - 1:
+            return False                                   # nothing or more than one chunk lost
+        got[par.n_data] = par.data
+        chunks = fec.recover(got, par.n_data, 1, [b - a for a, b in ranges], part.array.dtype)
+        if chunks is None:
+            return False
+        lost = next(i for i in range(par.n_data) if i not in got)
+        part.add(ranges[lost][0], np.ascontiguousarray(chunks[lost]))
+        del self.parity[group]
+        if self.closed:
+            self.record.late += 1
+        else:
+            self.record.recovered += 1
+        return True
 
     def complete(self, group: int) -> bool:
         return self.parts[group].complete
@@ -204,6 +264,10 @@ class SyncPoint:
             if not self.parts[g].complete:
                 out.setdefault(self.owners[g], []).append(g)
         return out
+
+    def missing_of(self, peer: str) -> list[int]:
+        """``peer``'s groups (critical or not) not yet complete, sorted."""
+        return sorted(g for g, p in self.owners.items() if p == peer and not self.parts[g].complete)
 
     def pending_peers(self) -> set[str]:
         """Peers with at least one incomplete group."""

@@ -38,6 +38,7 @@ from halo_p2p.wire.messages import (
     LayerInput,
     NeedInput,
     Partial,
+    PartialParity,
     Plan,
     PlanReady,
     Resend,
@@ -94,10 +95,15 @@ class Worker:
         link: the link to the coordinator.
         open_model: resolves the model of a plan to its layout and a shard factory.
         compute: this peer's compute thread (shared by all sessions the peer serves).
+        uplink_parity: on the unreliable channel, follow each group's partial with a
+            :class:`~halo_p2p.wire.messages.PartialParity` frame (uplink FEC: any one lost chunk
+            of the group is rebuilt; costs one frame per group).
     """
 
-    def __init__(self, peer_id: str, link: Link, open_model: ModelOpener, compute: ComputeThread) -> None:
+    def __init__(self, peer_id: str, link: Link, open_model: ModelOpener, compute: ComputeThread, *,
+                 uplink_parity: bool = True) -> None:
         self.peer_id, self.link = peer_id, link
+        self.uplink_parity = uplink_parity
         self.open_model, self.compute = open_model, compute
         self.layout: GroupLayout | None = None
         self.shard: GroupCompute | None = None
@@ -296,7 +302,11 @@ class Worker:
                 old, _ = self._results.popitem(last=False)
                 self._channels.pop(old, None)
             self._channels[key] = channel
-            await self._send_all(channel, [f for group_frames in frames for f in group_frames])
+            # every group's data first, then its parity frames (the last of each group's frames,
+            # needed only if something was lost)
+            k = 1 if self.uplink_parity and channel == Channel.UNRELIABLE else 0
+            await self._send_all(channel, [f for fs in frames for f in fs[:len(fs) - k]] +
+                                 [f for fs in frames for f in fs[len(fs) - k:]])
 
     async def _send_all(self, channel: Channel, frames: list[bytes]) -> None:
         """Send frames, pausing every 16 unreliable ones until the link's backlog drains."""
@@ -311,10 +321,15 @@ class Worker:
         max_elems = (codec.max_payload_elems(self.wire_dtype, message_type=Partial) if channel == Channel.UNRELIABLE
                      else RELIABLE_CHUNK_BYTES // self.wire_dtype.itemsize)
         ranges = chunk_ranges(wire.shape[1], max_elems) if wire.size else []
+        parity = self.uplink_parity and channel == Channel.UNRELIABLE
         out = []
         for g, row in zip(groups, wire, strict=True):
-            out.append([codec.encode(Partial(session=self.session, step=step, layer=layer, part=part,  # type: ignore[arg-type]
-                                             group=g, offset=a, data=row[a:b])) for a, b in ranges])
+            where = {"session": self.session, "step": step, "layer": layer, "part": part, "group": g}
+            frames = [codec.encode(Partial(**where, offset=a, data=row[a:b])) for a, b in ranges]  # type: ignore[arg-type]
+            if parity and ranges:
+                bits = fec.encode_parity([row[a:b] for a, b in ranges], 1)[0]
+                frames.append(codec.encode(PartialParity(**where, n_data=len(ranges), data=bits)))  # type: ignore[arg-type]
+            out.append(frames)
         return out
 
     async def _on_resend(self, msg: Resend) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "NeedInput",
     "Part",
     "Partial",
+    "PartialParity",
     "Plan",
     "PlanReady",
     "Resend",
@@ -223,8 +224,45 @@ class Partial(_Base):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
+class PartialParity(_Base):
+    """Worker -> coordinator: XOR parity over the :class:`Partial` chunks of one group.
+
+    Uplink forward error correction: a group's flattened ``(n_tokens, dim)`` partial is sent as
+    ``n_data`` data chunks covering ``chunks.split_ranges(n_tokens * dim, n_data)``; this frame's
+    ``data`` is ``fec.encode_parity(chunks, 1)[0]``, the XOR of their bit patterns zero-padded to
+    the longest chunk. The coordinator rebuilds any one lost data chunk of the group from it, so
+    at PLR ``p`` a 2-chunk partial is lost with probability ``~3 p**2`` instead of ``~2 p``.
+
+    Attributes:
+        session, step, layer, part, group: as in :class:`Partial`.
+        n_data: number of data chunks of the group's partial (>= 1).
+        data: 1-D uint16 (float16 partials) or uint32 (float32) parity bit patterns.
+    """
+
+    KIND: ClassVar[int] = 5
+    RELIABLE: ClassVar[bool] = False
+
+    session: int
+    step: int
+    layer: int
+    part: Part
+    group: int
+    n_data: int
+    data: WireArray
+
+    def check(self) -> str | None:
+        if self.n_data < 1:
+            return f"n_data ({self.n_data}) must be >= 1"
+        if self.data.dtype.kind != "u":
+            return f"parity data must be uint16 or uint32, got {self.data.dtype}"
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Resend(_Base):
-    """Coordinator -> worker: send these (critical, missing) groups' partials again.
+    """Coordinator -> worker: send these missing groups' partials (and their parity) again.
+
+    Sent when a critical group is missing; it names every group of the worker still incomplete.
 
     Attributes:
         session, step, layer, part: the sync point, as in :class:`Partial`.
@@ -539,13 +577,13 @@ class SignalRefused(_Base):
     reason: str
 
 
-Message = (LayerInput | Partial | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
+Message = (LayerInput | Partial | PartialParity | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
            | Heartbeat | HeartbeatAck | WeightsWanted | GroupTensor | WeightsDone | SignalOffer | SignalAnswer
            | SignalRefused)
 """Every message kind; dispatch with ``match`` and ``assert_never``."""
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    LayerInput, Partial, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
+    LayerInput, Partial, PartialParity, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
     HeartbeatAck, WeightsWanted, GroupTensor, WeightsDone, SignalOffer, SignalAnswer, SignalRefused,
 )
 """Every message class, in KIND order."""
