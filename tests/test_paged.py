@@ -267,3 +267,20 @@ def test_cache_root_needs_a_source_with_identity(source, layout, tmp_path) -> No
     with pytest.raises(ConfigError, match="block-cache key"):
         PagedShard(Anonymous(), layout, layout.all_groups(), max_seq_len=SEQ, memory_budget_bytes=1 << 30,
                    block_cache=tmp_path)
+
+
+def test_library_pages_through_the_user_block_cache(layout, tmp_path, monkeypatch) -> None:
+    from halo_p2p.node.library import ModelLibrary
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library = ModelLibrary(["stories260K"], memory_budget_bytes=4 * layout.group_params(MLP) * layout.n_mlp * 2)
+    sha = next(iter(library.held))
+    plan_layout, factory = library.open_for_plan(sha, {"placement": {"mlp_group_size": layout.mlp_group_size}})
+    counts = []
+    for _ in range(2):
+        with factory(plan_layout.all_groups(), SEQ) as shard:
+            assert isinstance(shard, PagedShard)
+            _run(shard, plan_layout, decode=0)
+            counts.append((shard.stats()["cache_misses"], len(shard.order)))
+    assert counts[0][0] == counts[0][1] and counts[1][0] == 0
+    assert len(list((tmp_path / "halo-p2p" / "blocks" / sha[:16]).glob("*.npy"))) == counts[0][1]
