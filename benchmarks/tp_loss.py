@@ -6,7 +6,8 @@ with a single peer, and (halo) perplexity of held-out text scored token by token
 synchronization applies to every scored token). A lost packet on the reliable channel used by
 strict costs an RTO (200 ms, doubling), as in SCTP/TCP.
 
-    python benchmarks/tp_loss.py --model smollm2-135m-instruct [--quick] [--out results/tp_loss.json]
+    python benchmarks/tp_loss.py --model smollm2-135m-instruct [--predictor] [--no-uplink-fec]
+                                 [--out results/tp_loss.json]
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from benchmarks.heldout import heldout_text
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.model.chat import Message
 from halo_p2p.model.loader import open_model
-from halo_p2p.net.link import LinkConditions
+from halo_p2p.net.link import Channel, LinkConditions
 from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.node.library import file_sha256
+from halo_p2p.predictor import PredictorPolicy, load_predictor_for
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator, perplexity
@@ -48,11 +51,16 @@ async def run(args) -> dict:
     else:
         ids = tok.encode("Once upon a time")
     text_ids = tok.encode(heldout_text())[: args.ppl_tokens]
+    predictor = load_predictor_for(file_sha256(model.path)) if args.predictor else None
+    if args.predictor and predictor is None:
+        raise SystemExit(f"no predictor for {model.name}: run halo-peer calibrate first")
     local = LocalEngine(model.source, max_seq_len=1024)
     base_tokens, base_stats = await decode(local, tok, ids, args.tokens)
     base_ppl = await perplexity(local, text_ids)
     await local.aclose()
     out = {"model": model.name, "prompt": PROMPT, "tokens": args.tokens, "ppl_tokens": len(text_ids) - 1,
+           "criticality": "predictor" if predictor is not None else "static rule",
+           "uplink_fec": not args.no_uplink_fec,
            "delay_ms": args.delay_ms, "rto_ms": args.rto_ms, "local": {
                "tpot_ms": base_stats.tpot_ms, "perplexity": base_ppl.perplexity}, "runs": []}
     print(f"local: TPOT {base_stats.tpot_ms:.1f} ms, perplexity {base_ppl.perplexity:.4f}", file=sys.stderr)
@@ -63,11 +71,20 @@ async def run(args) -> dict:
             peers = [PeerProfile(name="c"), PeerProfile(name="w1", link=link), PeerProfile(name="w2", link=link),
                      PeerProfile(name="w3", link=lossy)]
             options = SessionOptions(mode=mode, wire_dtype="float16", max_seq_len=1024)
+            policy = (PredictorPolicy(predictor, args.critical_fraction, attn_critical=1.0)
+                      if predictor is not None and mode == "halo" else None)
             swarm = await start_emulated_swarm(model.source, peers, options, critical_fraction=args.critical_fraction,
-                                               seed=args.seed)
+                                               seed=args.seed, policy=policy, uplink_parity=not args.no_uplink_fec)
             t0 = time.perf_counter()
+
+            def wire_bytes(sw=swarm) -> tuple[int, int]:   # (downlink, uplink) payload bytes, both channels
+                down = sum(link.stats[c].bytes_sent for link in sw.links.values() for c in Channel)
+                return down, sum(w.link.stats[c].bytes_sent for w in sw.workers for c in Channel)
+
             try:
+                before = wire_bytes()
                 tokens, stats = await decode(swarm, tok, ids, args.tokens)
+                down, up = (a - b for a, b in zip(wire_bytes(), before, strict=True))
                 records = swarm.coordinator.records[1:]
                 ppl = None
                 if mode == "halo" and args.ppl_tokens:
@@ -81,28 +98,36 @@ async def run(args) -> dict:
                    "mean_wait_ms": statistics.mean(waits) if waits else None,
                    "mean_skipped_groups": statistics.mean(r.skipped for r in records) if records else None,
                    "resends_per_token": statistics.mean(sum(s.resends for s in r.syncs) for r in records)
-                   if records else None, "wall_s": time.perf_counter() - t0}
+                   if records else None,
+                   "rebuilt_groups_per_token": statistics.mean(sum(s.recovered for s in r.syncs) for r in records)
+                   if records else None,
+                   # the whole decode (prompt included) per generated token
+                   "downlink_kb_per_token": down / 1e3 / max(1, len(tokens)),
+                   "uplink_kb_per_token": up / 1e3 / max(1, len(tokens)),
+                   "wall_s": time.perf_counter() - t0}
             out["runs"].append(row)
             print(json.dumps(row), file=sys.stderr)
     return out
 
 
 def table(res: dict) -> str:
-    rows = ["| PLR | strict TPOT (ms) | halo TPOT (ms) | speedup | halo skipped groups/token | "
-            "halo token agreement | halo perplexity (Δ vs PLR 0) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| PLR | strict TPOT (ms) | halo TPOT (ms) | speedup | halo TPOT vs PLR 0 | halo skipped groups/token | "
+            "rebuilt/token | resends/token | halo uplink KB/token | halo token agreement | "
+            "halo perplexity (Δ vs PLR 0) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["plr"], r["mode"]): r for r in res["runs"]}
-    base = by.get((0.0, "halo"), {}).get("perplexity")
+    base = by.get((0.0, "halo"), {})
     for plr in sorted({r["plr"] for r in res["runs"]}):
         s, h = by.get((plr, "strict")), by.get((plr, "halo"))
         if not h:
             continue
         speed = f"{s['tpot_ms'] / h['tpot_ms']:.2f}x" if s else "-"
+        rel = f"{h['tpot_ms'] / base['tpot_ms']:.2f}x" if base else "-"
         ppl = h["perplexity"]
-        dppl = f"{ppl:.3f} ({100 * (ppl / base - 1):+.2f} %)" if ppl and base else "-"
-        rows.append(f"| {100 * plr:g} % | {s['tpot_ms']:.1f} | {h['tpot_ms']:.1f} | {speed} | "
-                    f"{h['mean_skipped_groups']:.2f} | {100 * h['token_agreement']:.0f} % | {dppl} |"
-                    if s else f"| {100 * plr:g} % | - | {h['tpot_ms']:.1f} | - | {h['mean_skipped_groups']:.2f} | "
-                    f"{100 * h['token_agreement']:.0f} % | {dppl} |")
+        dppl = f"{ppl:.3f} ({100 * (ppl / base['perplexity'] - 1):+.2f} %)" if ppl and base.get("perplexity") else "-"
+        rows.append(f"| {100 * plr:g} % | {s['tpot_ms']:.1f} | " if s else f"| {100 * plr:g} % | - | ")
+        rows[-1] += (f"{h['tpot_ms']:.1f} | {speed} | {rel} | {h['mean_skipped_groups']:.2f} | "
+                     f"{h.get('rebuilt_groups_per_token') or 0:.2f} | {h['resends_per_token']:.2f} | "
+                     f"{h.get('uplink_kb_per_token', 0):.1f} | {100 * h['token_agreement']:.0f} % | {dppl} |")
     return "\n".join(rows)
 
 
@@ -116,6 +141,9 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=2.0)
     p.add_argument("--rto-ms", type=float, default=200.0)
     p.add_argument("--critical-fraction", type=float, default=0.5)
+    p.add_argument("--predictor", action="store_true",
+                   help="halo: the semantic-aware predictor picks the critical MLP groups (default: static rule)")
+    p.add_argument("--no-uplink-fec", action="store_true", help="workers send no PartialParity frames")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/tp_loss.json"))
     args = p.parse_args()
