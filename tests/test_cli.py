@@ -98,6 +98,17 @@ def test_chat_answers_one_prompt(cache_with_smollm2: Path) -> None:
     assert b"Paris" in out.stdout and b"tokens/s" in out.stdout and b"TPOT" in out.stdout
 
 
+@pytest.mark.slow
+def test_chat_on_an_emulated_swarm_shows_the_predictor_recall(cache_with_smollm2: Path) -> None:
+    out = halo("chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--emulate-peers", "3",
+               "--sync", "halo", "--planner", "split", cache=cache_with_smollm2)
+    assert out.returncode == 0, out.stderr.decode()
+    status = out.stdout.decode().replace("\n", " ").rsplit("[", 1)[-1]     # rich wraps the status line at spaces
+    assert "3 peers (halo)" in status and "skipped groups/token" in status, status
+    recall = float(status.split("predictor recall ")[1].split()[0])
+    assert 0.3 < recall <= 1.0, status          # well above chance (0.5 at k = n/2 would be a coin)
+
+
 def _one_line_error(out: subprocess.CompletedProcess[bytes], *needles: str) -> None:
     err = out.stderr.decode()
     assert out.returncode == 1, err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from halo_p2p.engine.local import LocalEngine
-from halo_p2p.groups import GroupLayout
+from halo_p2p.groups import MLP, GroupId, GroupLayout
 from halo_p2p.model.gguf import GgufModel
 from halo_p2p.model.llama2c import Llama2cModel
 from halo_p2p.model.llama2c_tokenizer import Llama2cTokenizer
@@ -197,10 +197,52 @@ async def test_lost_worker_is_replanned_without_hanging(stories, mode) -> None:
                 tokens.append(event.token_id)
                 if len(tokens) == 10:
                     await swarm.links["p2"].aclose()       # worker p2 vanishes mid-generation
-        replans, plan = swarm.engine.replans, swarm.plan
+        replans, plan, moved = swarm.engine.replans, swarm.plan, swarm.engine.moved_groups
     finally:
         await swarm.aclose()
     assert len(tokens) == 30
     assert replans == 1 and "p2" not in plan.peers
+    assert moved >= sum(1 for p in plan.owner.values() if p != "p0") // 2 > 0   # at least p2's third moved
     if mode == "strict":
         assert tokens == want      # re-planned and replayed exactly
+
+
+class _RankByTrueNorm:
+    """A criticality policy that knows the truth: MLP groups ranked by their real partial norms
+    (computed here from the input), best first (``best=True``) or worst first."""
+
+    def __init__(self, source, layout: GroupLayout, k: int, *, best: bool) -> None:
+        self.layout, self.k, self.best = layout, k, best
+        groups = [GroupId(layer, MLP, g) for layer in range(layout.n_layers) for g in range(layout.n_mlp)]
+        self.shard = GroupShard(source, layout, groups, max_seq_len=8)
+
+    def critical(self, layer: int, part: int, x: np.ndarray) -> frozenset[int]:
+        if part != MLP:
+            return frozenset(range(self.layout.n_attn))
+        norms = np.linalg.norm(self.shard.partials(layer, MLP, x, 0).reshape(self.layout.n_mlp, -1), axis=1)
+        order = np.argsort(norms)
+        return frozenset((order[-self.k:] if self.best else order[:self.k]).tolist())
+
+
+@pytest.mark.parametrize("best", [True, False])
+async def test_live_recall_measures_the_policy(stories, best) -> None:
+    """Recall of the truly top-k groups, measured live from the partials: 1 for an oracle, 0 for
+    the reverse ranking (k = half the groups), shown per token in --json."""
+    source, tok = stories
+    layout = GroupLayout.from_config(source.config)
+    k = layout.n_mlp // 2
+    policy = _RankByTrueNorm(source, layout, k, best=best)
+    swarm = await start_emulated_swarm(source, _profiles([1, 1, 1], link=LinkConditions(delay_s=0.001)),
+                                       SessionOptions(mode="halo", wire_dtype="float32", max_seq_len=64,
+                                                      initial_deadline_s=0.5, deadline_floor_s=0.2),
+                                       policy=policy)
+    try:
+        await _generate(swarm, tok, "Once upon a time", SamplingParams(temperature=0, max_tokens=6))
+        records = swarm.coordinator.records
+    finally:
+        await swarm.aclose()
+    measured = [s.recall for r in records[1:] for s in r.syncs if s.recall is not None]
+    assert len(measured) >= layout.n_layers                       # MLP sync points of decode steps
+    assert all(r == (1.0 if best else 0.0) for r in measured)
+    assert records[1].as_dict()["criticality_recall"] == (1.0 if best else 0.0)
+    assert records[0].recall is None                              # the prompt: all groups critical

@@ -84,6 +84,12 @@ class ChatApp:
             mode = coordinator.options.mode
             peers = (f"{len(coordinator.plan.peers)} peers ({mode}) · {skipped:.1f} skipped groups/token "
                      f"{sparkline([r.skipped for r in steps])}")
+            recalls = [r.recall for r in steps if r.recall is not None]
+            if recalls:
+                peers += f" · predictor recall {sum(recalls) / len(recalls):.2f}"
+            engine = getattr(self.generator.engine, "engine", None)
+            if getattr(engine, "replans", 0):
+                peers += f" · re-planned {engine.replans}x, {engine.moved_groups} groups moved"
         return (f"[{self.model.name} · {peers} · {len(s.token_ids)} tokens · {speed} · {tpot} {tpot_spark} · "
                 f"first token {1000 * s.prefill_s:.0f} ms · "
                 f"context {used}/{self.generator.engine.max_seq_len}{full}]")

@@ -142,6 +142,12 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
                                       dynamic=args.dynamic_placement, policy=policy)
 
 
+def mean_recall(records: list) -> float | None:
+    """Mean live criticality recall over the steps where it was measured (None if nowhere)."""
+    got = [r.recall for r in records if r.recall is not None]
+    return sum(got) / len(got) if got else None
+
+
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
     """The per-token synchronization figures of an emulated split model (empty otherwise)."""
     coordinator = getattr(engine, "coordinator", None)
@@ -161,6 +167,9 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
                        for peer, link in coordinator.links.items()},
         "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
         "mean_skipped_groups": sum(r["skipped_groups"] for r in decode) / len(decode),
+        "criticality_recall": mean_recall(coordinator.records),
+        "replans": getattr(getattr(engine, "engine", None), "replans", 0),
+        "moved_groups": getattr(getattr(engine, "engine", None), "moved_groups", 0),
         "per_token": records,
     }}
 

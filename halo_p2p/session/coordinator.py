@@ -258,13 +258,35 @@ class Coordinator:
             await self._wait(sp)
         finally:
             remote = sp.close(loop.time())
-        if local is not None:
-            remote += (await local).sum(axis=0)
-        if extra is not None:
-            remote += (await extra).sum(axis=0)
+        own = await local if local is not None else None
+        if own is not None:
+            remote += own.sum(axis=0)
+        ext = await extra if extra is not None else None
+        if ext is not None:
+            remote += ext.sum(axis=0)
+        if self.options.mode == "halo" and n_tokens == 1 and 0 < len(critical) < self.plan.layout.n_groups(part):
+            sp.record.recall = self._recall(sp, critical, own, ext, moved)
         for key in [k for k in self._inputs if k[1:] < sp.key]:
             del self._inputs[key]
         return remote
+
+    def _recall(self, sp: SyncPoint, critical: frozenset[int], own: np.ndarray | None, ext: np.ndarray | None,
+                moved: list[int]) -> float | None:
+        """Share of the truly top-k groups (by partial norm, k = the critical count) that the
+        criticality policy marked critical: the predictor's live recall. None unless every
+        group's partial is known (nothing skipped)."""
+        norms = np.full(self.plan.layout.n_groups(sp.part), np.nan)
+        if own is not None and self.local is not None:
+            norms[self.local.groups_at(sp.layer, sp.part)] = np.linalg.norm(own.reshape(len(own), -1), axis=1)
+        if ext is not None:
+            norms[moved] = np.linalg.norm(ext.reshape(len(ext), -1), axis=1)
+        for g, r in sp.parts.items():
+            if r.complete:
+                norms[g] = np.linalg.norm(r.array.astype(np.float32))
+        if np.isnan(norms).any():
+            return None
+        k = len(critical)
+        return len(critical & set(np.argsort(norms)[-k:].tolist())) / k
 
     async def _send_input(self, peer: str, sp: SyncPoint, wire: np.ndarray, start_pos: int, n_tokens: int) -> None:
         channel = self._channel_for(n_tokens)

@@ -42,6 +42,7 @@ class ReplanningEngine:
         self.coordinator: Coordinator | None = None
         self.lost: set[str] = set()
         self.replans = 0
+        self.moved_groups = 0          # groups that changed owner over all re-plans
         self.session = 0
         self._history: list[int] = []    # ids at positions [0, len) as last forwarded
 
@@ -96,6 +97,9 @@ class ReplanningEngine:
             await old.aclose()
         await self.start()
         assert self.coordinator is not None
+        if old is not None:                    # groups whose owner changed (shown by chat and --json)
+            before, after = old.plan.owner, self.coordinator.plan.owner
+            self.moved_groups += sum(1 for g, p in after.items() if before.get(g) != p)
         history = self._history[:replay_upto]
         for c0 in range(0, len(history), _REPLAY_CHUNK):
             await self.coordinator.forward(history[c0:c0 + _REPLAY_CHUNK], c0)

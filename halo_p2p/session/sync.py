@@ -89,6 +89,8 @@ class SyncRecord:
         critical: critical groups at this point.
         taken_over: critical MLP groups of unstable peers computed by the coordinator instead.
         recovered: groups completed by rebuilding a lost chunk from uplink parity.
+        recall: share of the truly top-k groups (k = ``critical``, by partial norm) the policy
+            marked critical; None when not measured (strict, prompts, all critical, skips).
     """
 
     layer: int
@@ -101,6 +103,7 @@ class SyncRecord:
     resends: int = 0
     critical: int = 0
     recovered: int = 0
+    recall: float | None = None
     taken_over: int = 0
     skipped_groups: list[int] = field(default_factory=list)
 
@@ -124,6 +127,12 @@ class StepRecord:
         return sum(s.missing + s.partial for s in self.syncs)
 
     @property
+    def recall(self) -> float | None:
+        """Mean criticality recall over the sync points where it was measured (see :class:`SyncRecord`)."""
+        got = [s.recall for s in self.syncs if s.recall is not None]
+        return sum(got) / len(got) if got else None
+
+    @property
     def late(self) -> int:
         return sum(s.late for s in self.syncs)
 
@@ -134,6 +143,7 @@ class StepRecord:
             "resends": sum(s.resends for s in self.syncs),
             "taken_over": sum(s.taken_over for s in self.syncs),
             "recovered_groups": sum(s.recovered for s in self.syncs),
+            "criticality_recall": self.recall,
             "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
         }
 
