@@ -44,6 +44,7 @@ __all__ = [
     "PeerInfo",
     "PeerSubscription",
     "PeerTable",
+    "TableView",
     "decode_txt",
     "encode_txt",
     "model_entry",
@@ -558,6 +559,34 @@ class PeerTable:
         for sub in list(self._subscribers):
             sub.close()
         self._changed.set()
+
+
+class TableView:
+    """The read side of :class:`Discovery` for implementations that keep a :class:`PeerTable`
+    in ``self._table``: ``stats``, ``peers``, ``subscribe`` and ``wait_for_peers``."""
+
+    _table: PeerTable
+
+    @property
+    def stats(self) -> DiscoveryStats:
+        """Live counters (malformed records, refusals)."""
+        return self._table.stats
+
+    def peers(self) -> dict[str, PeerInfo]:
+        """The admitted peers by peer id (a copy, excluding this one)."""
+        return self._table.peers()
+
+    def subscribe(self, *, replay: bool = True) -> PeerSubscription:
+        """Peer events; with ``replay`` the current peers come first as ``"added"``."""
+        return self._table.subscribe(replay=replay)
+
+    async def wait_for_peers(self, n: int, timeout_s: float) -> dict[str, PeerInfo]:
+        """Wait until ``n`` peers are known (see :meth:`PeerTable.wait_for_peers`).
+
+        Raises:
+            DiscoveryError: fewer than ``n`` peers after ``timeout_s`` seconds.
+        """
+        return await self._table.wait_for_peers(n, timeout_s)
 
 
 @runtime_checkable

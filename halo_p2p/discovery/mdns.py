@@ -36,10 +36,9 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from halo_p2p.discovery.base import (
     DUPLICATE_ID_FIX,
     SERVICE_TYPE,
-    DiscoveryStats,
     PeerInfo,
-    PeerSubscription,
     PeerTable,
+    TableView,
     decode_txt,
     encode_txt,
 )
@@ -104,7 +103,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-class MdnsDiscovery:
+class MdnsDiscovery(TableView):
     """Discovery over mDNS/DNS-SD, implementing :class:`~halo_p2p.discovery.base.Discovery`.
 
     Args:
@@ -167,10 +166,6 @@ class MdnsDiscovery:
         self._again: set[str] = set()
         self._broadcasts: list[Awaitable[Any]] = []
 
-    @property
-    def stats(self) -> DiscoveryStats:
-        """Live counters (malformed TXT, refusals, resolve failures)."""
-        return self._table.stats
 
     @property
     def service_name(self) -> str | None:
@@ -318,22 +313,6 @@ class MdnsDiscovery:
         self._info = self._service_info(me)
         self._broadcasts = [b for b in self._broadcasts if not (isinstance(b, asyncio.Future) and b.done())]
         self._broadcasts.append(await self._zc.async_update_service(self._info))
-
-    def peers(self) -> dict[str, PeerInfo]:
-        """The admitted peers by peer id (excluding this one)."""
-        return self._table.peers()
-
-    def subscribe(self, *, replay: bool = True) -> PeerSubscription:
-        """Peer events; with ``replay`` the current peers come first as ``"added"``."""
-        return self._table.subscribe(replay=replay)
-
-    async def wait_for_peers(self, n: int, timeout_s: float) -> dict[str, PeerInfo]:
-        """Wait until ``n`` peers are known (see :meth:`PeerTable.wait_for_peers`).
-
-        Raises:
-            DiscoveryError: fewer than ``n`` peers after ``timeout_s`` seconds.
-        """
-        return await self._table.wait_for_peers(n, timeout_s)
 
     async def _bounded(self, what: str, awaitable: Awaitable[Any]) -> None:
         try:

@@ -19,10 +19,9 @@ import logging
 from collections.abc import Mapping
 
 from halo_p2p.discovery.base import (
-    DiscoveryStats,
     PeerInfo,
-    PeerSubscription,
     PeerTable,
+    TableView,
     decode_txt,
     encode_txt,
 )
@@ -68,7 +67,7 @@ class MemoryNetwork:
         return f"memory-{next(self._ids)}"
 
 
-class MemoryDiscovery:
+class MemoryDiscovery(TableView):
     """One member of a :class:`MemoryNetwork`, implementing :class:`~halo_p2p.discovery.base.Discovery`.
 
     Args:
@@ -82,10 +81,6 @@ class MemoryDiscovery:
         self._me: PeerInfo | None = None
         self._closed = False
 
-    @property
-    def stats(self) -> DiscoveryStats:
-        """Live counters of this member."""
-        return self._table.stats
 
     @property
     def me(self) -> PeerInfo | None:
@@ -141,22 +136,6 @@ class MemoryDiscovery:
                               "close this discovery and start a new one")
         self._me = self._table.me = me
         self.network.publish(self.source, encode_txt(me), me.host, me.signaling_port)
-
-    def peers(self) -> dict[str, PeerInfo]:
-        """The admitted peers by peer id (excluding this one)."""
-        return self._table.peers()
-
-    def subscribe(self, *, replay: bool = True) -> PeerSubscription:
-        """Peer events; with ``replay`` the current peers come first as ``"added"``."""
-        return self._table.subscribe(replay=replay)
-
-    async def wait_for_peers(self, n: int, timeout_s: float) -> dict[str, PeerInfo]:
-        """Wait until ``n`` peers are known (see :meth:`PeerTable.wait_for_peers`).
-
-        Raises:
-            DiscoveryError: fewer than ``n`` peers after ``timeout_s`` seconds.
-        """
-        return await self._table.wait_for_peers(n, timeout_s)
 
     async def aclose(self) -> None:
         """Leave the network (the others get ``"removed"``) and end subscriptions; idempotent."""

@@ -26,6 +26,7 @@ from halo_p2p.discovery.base import (
     PeerInfo,
     PeerSubscription,
     PeerTable,
+    TableView,
 )
 from halo_p2p.errors import ConfigError
 
@@ -85,7 +86,7 @@ def parse_peer_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class StaticDiscovery:
+class StaticDiscovery(TableView):
     """Peers from a fixed list of addresses, implementing :class:`~halo_p2p.discovery.base.Discovery`.
 
     Args:
@@ -100,10 +101,6 @@ class StaticDiscovery:
         self._table = PeerTable("static")
         self._closed = False
 
-    @property
-    def stats(self) -> DiscoveryStats:
-        """Live counters (always zero except for dropped events)."""
-        return self._table.stats
 
     @staticmethod
     def placeholder(host: str, port: int) -> PeerInfo:
@@ -127,29 +124,13 @@ class StaticDiscovery:
         """Nothing to announce: static peers learn about us when we connect."""
         self._table.me = me
 
-    def peers(self) -> dict[str, PeerInfo]:
-        """The placeholders by peer id."""
-        return self._table.peers()
-
-    def subscribe(self, *, replay: bool = True) -> PeerSubscription:
-        """Events (only ``"added"`` at start, ``"removed"`` never happens before close)."""
-        return self._table.subscribe(replay=replay)
-
-    async def wait_for_peers(self, n: int, timeout_s: float) -> dict[str, PeerInfo]:
-        """Wait until ``n`` placeholders exist (they exist from :meth:`start` on).
-
-        Raises:
-            DiscoveryError: fewer than ``n`` addresses were given.
-        """
-        return await self._table.wait_for_peers(n, timeout_s)
-
     async def aclose(self) -> None:
         """End subscriptions; idempotent."""
         self._closed = True
         self._table.close()
 
 
-class CombinedDiscovery:
+class CombinedDiscovery(TableView):
     """The merged view of several discoveries; on a peer-id collision the earlier discovery wins.
 
     Args:
@@ -211,22 +192,6 @@ class CombinedDiscovery:
         """Announce changed fields of ``me`` through every discovery."""
         self._table.me = me
         await asyncio.gather(*(d.update(me) for d in self.discoveries))
-
-    def peers(self) -> dict[str, PeerInfo]:
-        """The merged view by peer id."""
-        return self._table.peers()
-
-    def subscribe(self, *, replay: bool = True) -> PeerSubscription:
-        """Merged events, including the children's ``"refused"`` events."""
-        return self._table.subscribe(replay=replay)
-
-    async def wait_for_peers(self, n: int, timeout_s: float) -> dict[str, PeerInfo]:
-        """Wait until the merged view holds ``n`` peers.
-
-        Raises:
-            DiscoveryError: fewer than ``n`` peers after ``timeout_s`` seconds.
-        """
-        return await self._table.wait_for_peers(n, timeout_s)
 
     async def aclose(self) -> None:
         """Stop merging and close every discovery concurrently; idempotent."""
