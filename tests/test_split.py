@@ -196,13 +196,14 @@ async def test_lost_worker_is_replanned_without_hanging(stories, mode) -> None:
             async for event in gen.stream(tok.encode("Once upon a time"), SamplingParams(temperature=0, max_tokens=30)):
                 tokens.append(event.token_id)
                 if len(tokens) == 10:
+                    held_by_p2 = len(swarm.plan.groups_of("p2"))
                     await swarm.links["p2"].aclose()       # worker p2 vanishes mid-generation
         replans, plan, moved = swarm.engine.replans, swarm.plan, swarm.engine.moved_groups
     finally:
         await swarm.aclose()
     assert len(tokens) == 30
     assert replans == 1 and "p2" not in plan.peers
-    assert moved >= sum(1 for p in plan.owner.values() if p != "p0") // 2 > 0   # at least p2's third moved
+    assert moved >= held_by_p2 > 0                 # every group p2 held changed owner
     if mode == "strict":
         assert tokens == want      # re-planned and replayed exactly
 

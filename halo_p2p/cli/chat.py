@@ -14,6 +14,7 @@ from halo_p2p.model.chat import Message
 from halo_p2p.model.loader import LoadedModel
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.generate import Generator
+from halo_p2p.session.sync import mean_recall
 
 __all__ = ["ChatApp"]
 
@@ -84,9 +85,9 @@ class ChatApp:
             mode = coordinator.options.mode
             peers = (f"{len(coordinator.plan.peers)} peers ({mode}) · {skipped:.1f} skipped groups/token "
                      f"{sparkline([r.skipped for r in steps])}")
-            recalls = [r.recall for r in steps if r.recall is not None]
-            if recalls:
-                peers += f" · predictor recall {sum(recalls) / len(recalls):.2f}"
+            recall = mean_recall(steps)
+            if recall is not None:
+                peers += f" · predictor recall {recall:.2f}"
             engine = getattr(self.generator.engine, "engine", None)
             if getattr(engine, "replans", 0):
                 peers += f" · re-planned {engine.replans}x, {engine.moved_groups} groups moved"

@@ -26,6 +26,7 @@ from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.bench import bench
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator, perplexity
+from halo_p2p.session.sync import mean_recall
 
 __all__ = ["run"]
 
@@ -142,12 +143,6 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
                                       dynamic=args.dynamic_placement, policy=policy)
 
 
-def mean_recall(records: list) -> float | None:
-    """Mean live criticality recall over the steps where it was measured (None if nowhere)."""
-    got = [r.recall for r in records if r.recall is not None]
-    return sum(got) / len(got) if got else None
-
-
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
     """The per-token synchronization figures of an emulated split model (empty otherwise)."""
     coordinator = getattr(engine, "coordinator", None)
@@ -156,6 +151,7 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
     records = [r.as_dict() for r in coordinator.records]
     decode = records[1:] or records
     emulated = isinstance(engine, EmulatedSwarm)
+    replanner = getattr(engine, "engine", None)        # the ReplanningEngine of a swarm
     return {"split": {
         "peers": len(coordinator.plan.peers), "sync": args.sync, "emulated": emulated,
         "plr": args.plr if emulated else None, "delay_ms": args.delay_ms if emulated else None,
@@ -168,8 +164,8 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
         "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
         "mean_skipped_groups": sum(r["skipped_groups"] for r in decode) / len(decode),
         "criticality_recall": mean_recall(coordinator.records),
-        "replans": getattr(getattr(engine, "engine", None), "replans", 0),
-        "moved_groups": getattr(getattr(engine, "engine", None), "moved_groups", 0),
+        "replans": getattr(replanner, "replans", 0),
+        "moved_groups": getattr(replanner, "moved_groups", 0),
         "per_token": records,
     }}
 

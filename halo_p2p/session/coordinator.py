@@ -479,7 +479,7 @@ class Coordinator:
         try:
             new = sp.add(peer, msg, now) if isinstance(msg, Partial) else sp.add_parity(peer, msg, now)
         except WireError as exc:
-            self.counters["superseded" if msg.group not in sp.parts and msg.group in sp.moved else "malformed"] += 1
+            self.counters["superseded" if msg.group in sp.moved else "malformed"] += 1
             log.debug("dropping %s from %s: %s", type(msg).__name__, peer, exc)
             return
         if sp.closed:

@@ -9,7 +9,7 @@ response times (link latency plus the worker's compute) into per-peer deadlines.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,7 @@ from halo_p2p.wire import fec
 from halo_p2p.wire.chunks import Reassembly, split_ranges
 from halo_p2p.wire.messages import Partial, PartialParity
 
-__all__ = ["ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord"]
+__all__ = ["ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord", "mean_recall"]
 
 
 class ResponseTimer:
@@ -108,6 +108,12 @@ class SyncRecord:
     skipped_groups: list[int] = field(default_factory=list)
 
 
+def mean_recall(records: Iterable[SyncRecord | StepRecord]) -> float | None:
+    """Mean ``recall`` of the records that measured one (None if none did)."""
+    got = [r.recall for r in records if r.recall is not None]
+    return sum(got) / len(got) if got else None
+
+
 @dataclass(slots=True)
 class StepRecord:
     """One forward pass (a decoded token, or a prompt): its sync points."""
@@ -129,8 +135,7 @@ class StepRecord:
     @property
     def recall(self) -> float | None:
         """Mean criticality recall over the sync points where it was measured (see :class:`SyncRecord`)."""
-        got = [s.recall for s in self.syncs if s.recall is not None]
-        return sum(got) / len(got) if got else None
+        return mean_recall(self.syncs)
 
     @property
     def late(self) -> int:
@@ -187,19 +192,12 @@ class SyncPoint:
             WireError: the group is not ``peer``'s at this point, or the chunk falls outside the
                 partial or has the wrong dtype (the caller drops and counts it).
         """
-        if self.owners.get(msg.group) != peer:
-            raise WireError(f"partial of group {msg.group} at layer {self.layer} part {self.part} "
-                            f"from {peer!r}, which does not own it", "check the peers run the same plan")
-        new = self.parts[msg.group].add(msg.offset, msg.data) > 0
-        if new and msg.group in self.parity:
+        self._check_owner(peer, msg)
+        if self.parts[msg.group].add(msg.offset, msg.data) == 0:
+            return False
+        if msg.group in self.parity:
             self._recover(msg.group)
-        if new:
-            self.last_heard_s[peer] = now_s
-        if self.closed and new:
-            self.record.late += 1
-        if new and peer not in self.done_at_s and self.peer_complete(peer):
-            self.done_at_s[peer] = now_s
-        return new and not self.closed
+        return self._heard(peer, now_s)
 
     def add_parity(self, peer: str, msg: PartialParity, now_s: float) -> bool:
         """Keep ``msg`` and rebuild its group's one lost data chunk if the others arrived.
@@ -210,9 +208,7 @@ class SyncPoint:
             WireError: the group is not ``peer``'s here, ``n_data`` does not split the partial,
                 or the parity has the wrong dtype or length (the caller drops and counts it).
         """
-        if self.owners.get(msg.group) != peer:
-            raise WireError(f"parity of group {msg.group} at layer {self.layer} part {self.part} "
-                            f"from {peer!r}, which does not own it", "check the peers run the same plan")
+        self._check_owner(peer, msg)
         part = self.parts[msg.group]
         if not 1 <= msg.n_data <= part.total_elems:
             raise WireError(f"parity over {msg.n_data} chunks of a {part.total_elems}-element partial")
@@ -222,11 +218,21 @@ class SyncPoint:
             raise WireError(f"parity of group {msg.group} is {msg.data.dtype}[{msg.data.size}], "
                             f"expected {bits}[{width}]")
         self.parity[msg.group] = msg
-        if not self._recover(msg.group):
-            return False
+        return self._recover(msg.group) and self._heard(peer, now_s)
+
+    def _check_owner(self, peer: str, msg: Partial | PartialParity) -> None:
+        if self.owners.get(msg.group) != peer:
+            raise WireError(f"{type(msg).__name__} of group {msg.group} at layer {self.layer} part {self.part} "
+                            f"from {peer!r}, which does not own it", "check the peers run the same plan")
+
+    def _heard(self, peer: str, now_s: float) -> bool:
+        """New elements from ``peer`` arrived at ``now_s``; True unless this point is closed.
+        A completion after :meth:`close` still sets ``done_at_s`` (a timing sample)."""
         self.last_heard_s[peer] = now_s
         if peer not in self.done_at_s and self.peer_complete(peer):
             self.done_at_s[peer] = now_s
+        if self.closed:
+            self.record.late += 1
         return not self.closed
 
     def _recover(self, group: int) -> bool:
@@ -247,9 +253,7 @@ class SyncPoint:
         lost = next(i for i in range(par.n_data) if i not in got)
         part.add(ranges[lost][0], np.ascontiguousarray(chunks[lost]))
         del self.parity[group]
-        if self.closed:
-            self.record.late += 1
-        else:
+        if not self.closed:
             self.record.recovered += 1
         return True
 

@@ -304,7 +304,7 @@ class Worker:
             self._channels[key] = channel
             # every group's data first, then its parity frames (the last of each group's frames,
             # needed only if something was lost)
-            k = 1 if self.uplink_parity and channel == Channel.UNRELIABLE else 0
+            k = int(self._parity_on(channel))
             await self._send_all(channel, [f for fs in frames for f in fs[:len(fs) - k]] +
                                  [f for fs in frames for f in fs[len(fs) - k:]])
 
@@ -321,16 +321,20 @@ class Worker:
         max_elems = (codec.max_payload_elems(self.wire_dtype, message_type=Partial) if channel == Channel.UNRELIABLE
                      else RELIABLE_CHUNK_BYTES // self.wire_dtype.itemsize)
         ranges = chunk_ranges(wire.shape[1], max_elems) if wire.size else []
-        parity = self.uplink_parity and channel == Channel.UNRELIABLE
+        parity = self._parity_on(channel)
         out = []
         for g, row in zip(groups, wire, strict=True):
             where = {"session": self.session, "step": step, "layer": layer, "part": part, "group": g}
             frames = [codec.encode(Partial(**where, offset=a, data=row[a:b])) for a, b in ranges]  # type: ignore[arg-type]
-            if parity and ranges:
+            if parity:
                 bits = fec.encode_parity([row[a:b] for a, b in ranges], 1)[0]
                 frames.append(codec.encode(PartialParity(**where, n_data=len(ranges), data=bits)))  # type: ignore[arg-type]
             out.append(frames)
         return out
+
+    def _parity_on(self, channel: Channel) -> bool:
+        """Whether each group's frames end with a PartialParity (uplink FEC, unreliable channel only)."""
+        return self.uplink_parity and channel == Channel.UNRELIABLE
 
     async def _on_resend(self, msg: Resend) -> None:
         key = (msg.step, msg.layer, msg.part)
