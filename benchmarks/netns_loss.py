@@ -42,17 +42,21 @@ def main() -> None:
     for cell, by_mode in res.items():
         for mode, r in by_mode.items():
             pt = r["split"]["per_token"][1:]
-            rows.append({"cell": cell, "mode": mode, "tpot_ms": r["tpot_ms"], "tpot_p95_ms": r["tpot_p95_ms"],
+            rows.append({"cell": cell, "mode": mode, "peers": r["split"]["peers"], "replans": r["split"].get("replans"),
+                         "prefill_ms": r["prefill_ms"], "tpot_ms": r["tpot_ms"], "tpot_p95_ms": r["tpot_p95_ms"],
                          "skipped_groups_per_token": r["split"]["mean_skipped_groups"],
                          "wait_ms_per_token": statistics.mean(t["wait_ms"] for t in pt) if pt else None,
                          "resends_per_token": statistics.mean(t["resends"] for t in pt) if pt else None,
                          "text": r["text"]})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "raw": res}, indent=1))
-    print("| PLR | mode | TPOT median (ms) | p95 (ms) | wait per token (ms) | skipped groups/token | resends/token |")
-    print("|---|---|---|---|---|---|---|")
+    # peers/re-plans first: a run that lost the lossy peer (re-planned without it) is no measurement of loss
+    print("| PLR | mode | peers | re-plans | prefill (ms) | TPOT median (ms) | p95 (ms) | wait per token (ms) | "
+          "skipped groups/token | resends/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['cell'][3:]} % | {r['mode']} | {r['tpot_ms']:.0f} | {r['tpot_p95_ms']:.0f} | "
+        print(f"| {r['cell'][3:]} % | {r['mode']} | {r['peers']} | {r['replans']} | {r['prefill_ms']:.0f} | "
+              f"{r['tpot_ms']:.0f} | {r['tpot_p95_ms']:.0f} | "
               f"{r['wait_ms_per_token']:.0f} | {r['skipped_groups_per_token']:.2f} | {r['resends_per_token']:.2f} |")
 
 

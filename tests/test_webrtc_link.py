@@ -77,6 +77,22 @@ async def test_setup_uses_only_loopback_candidates_and_satisfies_link(pair: tupl
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 8 << 20
 
 
+async def test_loss_does_not_shrink_the_congestion_window_below_the_floor(
+        pair: tuple[WebRtcLink, WebRtcLink]) -> None:
+    """Stock aiortc drops the window to one 1160-byte packet on a T3 timeout and halves it per
+    loss; a link keeps at least CWND_FLOOR_BYTES so paced activations do not queue behind it."""
+    a, b = pair
+    for link in (a, b):
+        sctp = link._pc.sctp
+        assert sctp._cwnd >= webrtc.CWND_FLOOR_BYTES
+        sctp._t3_expired()                  # what a lost tail packet triggers after the RTO
+        assert sctp._cwnd >= webrtc.CWND_FLOOR_BYTES and sctp._ssthresh >= webrtc.CWND_FLOOR_BYTES
+    frames = [bytes([i]) * 1160 for i in range(40)]
+    for frame in frames:                    # and the association still carries data
+        await a.send(Channel.UNRELIABLE, frame)
+    assert sorted(d for _, d in await recv_n(b, 40)) == frames
+
+
 async def test_unreliable_frames_of_1160_bytes_arrive_and_1161_raises(pair: tuple[WebRtcLink, WebRtcLink]) -> None:
     a, b = pair
     frames = [bytes([i]) * 1160 for i in range(20)]

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 CTL_LABEL: Final = "halo-ctl"
 ACT_LABEL: Final = "halo-act"
 _RCVBUF_BYTES: Final = 8 << 20
+CWND_FLOOR_BYTES: Final = 128 << 10
+"""Smallest SCTP congestion window of a link (bytes): :func:`_floor_congestion_window`."""
 _SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; not exported by Python
 _HB_WINDOW: Final = 50          # heartbeats the loss estimate looks at
 _HB_ACK_DEADLINE_S: Final = 2.0  # a heartbeat not acknowledged within this counts as lost
@@ -114,6 +116,42 @@ def _raise_receive_buffers(pc: RTCPeerConnection) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, _RCVBUF_BYTES)
         except OSError as exc:
             log.debug("cannot raise UDP receive buffer: %s", exc)
+
+
+def _floor_congestion_window(pc: RTCPeerConnection, floor_bytes: int = CWND_FLOOR_BYTES) -> None:
+    """Keep ``pc``'s SCTP congestion window at least ``floor_bytes`` (best effort).
+
+    aiortc's SCTP (RFC 9260 §7.2) halves the window per loss and drops it to one packet per T3
+    timeout (RTO at least 1 s), the unreliable channel included: at 5 % random loss the window
+    sticks at 4-11 KB and paced activations queue for hundreds of milliseconds
+    (``network-facts.md`` §3, "patched" rows: a 128 KB floor keeps 1 KB messages at the wire
+    delay). On a LAN whose loss is radio noise, not congestion, halving is the wrong answer;
+    halo-p2p paces its own sends (at most 16 unreliable frames between drains, a capped
+    backlog), so the floor cannot turn into a saturating sender. The RTO is left stock: a lost
+    *reliable* chunk still waits for fast retransmit or the 1 s timer (strict sync's cost).
+    """
+    sctp = pc.sctp
+    try:   # private, checked on aiortc 1.16: RTCSctpTransport._cwnd/_ssthresh, SACK and T3 handlers
+        on_sack, on_t3 = sctp._receive_sack_chunk, sctp._t3_expired  # type: ignore[union-attr]
+        sctp._cwnd = max(sctp._cwnd, floor_bytes)  # type: ignore[union-attr]
+    except AttributeError as exc:
+        log.debug("cannot reach the SCTP congestion window (%s)", exc)
+        return
+
+    def floor() -> None:
+        sctp._cwnd = max(sctp._cwnd, floor_bytes)  # type: ignore[union-attr]
+        sctp._ssthresh = max(sctp._ssthresh, floor_bytes)  # type: ignore[union-attr]
+
+    async def receive_sack(chunk: Any) -> None:
+        await on_sack(chunk)
+        floor()
+
+    def t3_expired() -> None:
+        on_t3()
+        floor()
+
+    sctp._receive_sack_chunk = receive_sack  # type: ignore[union-attr]
+    sctp._t3_expired = t3_expired  # type: ignore[union-attr]
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -181,6 +219,7 @@ class Handshake:
             await pc.close()
             raise
         _raise_receive_buffers(pc)
+        _floor_congestion_window(pc)
         return hs
 
     @property

@@ -36,7 +36,7 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy
-from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint
+from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint, step_channel
 from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import split_ranges
 from halo_p2p.wire.messages import (
@@ -140,7 +140,6 @@ class Coordinator:
         missing = set(plan.workers()) - set(self.links)
         if missing:
             raise TransportError(f"no link to plan worker(s) {sorted(missing)}", "connect every worker first")
-        self._channel = Channel.RELIABLE if options.mode == "strict" else Channel.UNRELIABLE   # decode steps
         self._n_parity = options.n_parity if options.mode == "halo" else 0
         first = dict(initial_deadlines or {})
         self._timers = {(p, part): ResponseTimer(initial_s=first.get(p, options.initial_deadline_s),
@@ -317,10 +316,7 @@ class Coordinator:
             await self._send(peer, channel, frame)
 
     def _channel_for(self, n_tokens: int) -> Channel:
-        """halo: the unreliable channel (a loss costs a resend round trip, not an RTO; prompts are
-        paced and all their groups are critical); strict: the reliable, congestion-controlled one."""
-        del n_tokens
-        return self._channel
+        return step_channel(self.options.mode, n_tokens)
 
     async def _wait(self, sp: SyncPoint) -> None:
         loop = asyncio.get_running_loop()
@@ -424,7 +420,7 @@ class Coordinator:
                 sp = self._recent.get((msg.step, msg.layer, msg.part))
                 if sp is not None:
                     sp.retried.add(peer)
-                channel, frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), (self._channel, []))
+                channel, frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), (Channel.UNRELIABLE, []))
                 await self._send_all(peer, channel, frames)
             elif isinstance(msg, WeightsWanted):
                 if msg.session == self.session:

@@ -29,6 +29,7 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import RELIABLE_CHUNK_BYTES
+from halo_p2p.session.sync import step_channel
 from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import Reassembly, chunk_ranges, split_ranges
 from halo_p2p.wire.messages import (
@@ -109,7 +110,6 @@ class Worker:
         self.shard: GroupCompute | None = None
         self.session = -1
         self.mode = "halo"
-        self.channel = Channel.UNRELIABLE
         self.wire_dtype = np.dtype(np.float16)
         self._inputs: dict[tuple[int, int, int], _Input] = {}
         self._results: OrderedDict[tuple[int, int, int], list[list[bytes]]] = OrderedDict()
@@ -185,7 +185,6 @@ class Worker:
             await self.link.send(Channel.RELIABLE, codec.encode(ErrorReply(code="bad-plan", message=str(exc))))
             return
         self.session, self.mode = msg.session, msg.mode
-        self.channel = Channel.RELIABLE if msg.mode == "strict" else Channel.UNRELIABLE
         self.wire_dtype = np.dtype(msg.wire_dtype)
         self._inputs.clear()
         self._results.clear()
@@ -295,7 +294,7 @@ class Worker:
             for old in [k for k in self._inputs if k <= key]:
                 del self._inputs[old]
             partials = await self.compute.run(self.shard.partials, layer, part, x, inp.start_pos)
-            channel = self.channel
+            channel = step_channel(self.mode, inp.n_tokens)
             frames = self._frames(step, layer, part, partials, channel)
             self._results[key] = frames
             while len(self._results) > _KEEP_RESULTS:
@@ -350,5 +349,5 @@ class Worker:
             return
         groups = self.shard.groups_at(msg.layer, msg.part) if self.shard else []
         self.counters["resent_groups"] += len(msg.groups)
-        channel = self._channels.get(key, self.channel)
+        channel = self._channels.get(key, Channel.UNRELIABLE)
         await self._send_all(channel, [f for g in msg.groups if g in groups for f in frames[groups.index(g)]])
