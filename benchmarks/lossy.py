@@ -224,7 +224,8 @@ class LossyBench:
                 "ppl_skipped_per_token": (ppl.get("split") or {}).get("mean_skipped_groups", 0.0),
                 "token_agreement": sum(a == b for a, b in zip(gen["token_ids"], ref, strict=False)) / max(1, len(ref)),
                 "generated_tokens": gen["generated_tokens"], "prompt_tokens": gen["prompt_tokens"],
-                "peers": split.get("peers", 1), "counters": split.get("counters", {}), "text": gen["text"]}
+                "peers": split.get("peers", 1), "replans": split.get("replans", 0), "prefill_ms": gen.get("prefill_ms"),
+                "counters": split.get("counters", {}), "text": gen["text"]}
 
     async def cell(self, plr: float, delay_ms: float | None) -> dict[str, Any]:
         """One (PLR, delay) cell: a fresh swarm, strict then halo; ``local`` is the run's one local measurement."""
@@ -281,7 +282,7 @@ class LossyBench:
 def _brief(m: dict[str, Any] | None) -> str:
     return "" if not m else (f"TPOT {m['tpot_ms']:.1f} ms, skipped {m['skipped_per_token']:.2f}/token, ppl "
                              f"{_f(m['perplexity'], '.3f')}, agreement {100 * m['token_agreement']:.0f} %, "
-                             f"peers {m['peers']}")
+                             f"peers {m['peers']}, re-plans {m.get('replans', 0)}")
 
 
 def _f(v: float | None, fmt: str = ".1f") -> str:

@@ -21,7 +21,8 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables, rms_norm
 from halo_p2p.model.source import TensorSource
 
-__all__ = ["GroupShard", "GroupWeights", "MlpTakeover", "SliceWeights", "Trunk", "mlp_group_scores"]
+__all__ = ["TAKEOVER_BUDGET_BYTES", "GroupShard", "GroupWeights", "MlpTakeover", "SliceWeights", "Trunk",
+           "mlp_group_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,11 @@ def mlp_group_scores(source: TensorSource, layout: GroupLayout) -> np.ndarray:
     return scores
 
 
+TAKEOVER_BUDGET_BYTES = 256 << 20
+"""Default resident bytes of :class:`MlpTakeover`: every MLP group of one SmolLM2-135M peer in
+four (80 MB fp32) fits, so a lossy peer's groups are sliced once, not per token."""
+
+
 class MlpTakeover:
     """Computes any MLP groups on demand (per-token dynamic placement, HALO's critical groups).
 
@@ -221,10 +227,11 @@ class MlpTakeover:
 
     Args:
         weights: where group slices come from (the coordinator's own model file).
-        budget_bytes: resident bytes for taken-over groups.
+        budget_bytes: resident bytes for taken-over groups (an LRU beyond; default
+            :data:`TAKEOVER_BUDGET_BYTES`).
     """
 
-    def __init__(self, weights: GroupWeights, budget_bytes: int) -> None:
+    def __init__(self, weights: GroupWeights, budget_bytes: int = TAKEOVER_BUDGET_BYTES) -> None:
         self.weights, self.budget_bytes = weights, budget_bytes
         self._lru: OrderedDict[GroupId, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._bytes = 0

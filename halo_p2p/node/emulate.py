@@ -16,7 +16,7 @@ from typing import Any
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.probe import measure_gflops
 from halo_p2p.groups import PARTS, GroupLayout
-from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
+from halo_p2p.model.shard import TAKEOVER_BUDGET_BYTES, GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
 from halo_p2p.model.source import TensorSource
 from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.net.memory import memory_link_pair
@@ -89,7 +89,7 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
                                mlp_group_size: int | None = None, critical: str = "static",
                                critical_fraction: float = 0.5, seed: int = 0, planner: str = "split",
                                compute_gflops: float | None = None, dynamic: bool = False,
-                               takeover_budget_bytes: int = 64 << 20,
+                               takeover_budget_bytes: int = TAKEOVER_BUDGET_BYTES,
                                policy: CriticalityPolicy | None = None, uplink_parity: bool = True) -> EmulatedSwarm:
     """Start ``peers`` (the first is the coordinator) and send them the plan.
 

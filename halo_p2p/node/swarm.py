@@ -111,7 +111,7 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
     own_rate = node.info.compute_gflops if node.info else 1.0
     weights = SliceWeights(source, layout)
-    takeover = MlpTakeover(SliceWeights(source, layout), budget_bytes=64 << 20) if options.mode == "halo" else None
+    takeover = MlpTakeover(SliceWeights(source, layout)) if options.mode == "halo" else None
 
     stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if scores is not None and predictor is None
              else GroupStats.default(layout, critical_fraction))
