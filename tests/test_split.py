@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator
 from halo_p2p.wire import codec
-from halo_p2p.wire.messages import Partial
+from halo_p2p.wire.messages import LayerInput, Partial
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
@@ -133,6 +134,45 @@ async def test_uplink_parity_rebuilds_lost_partials(stories) -> None:
     assert sum(r["recovered_groups"] for r in plain) == 0
     assert sum(r["recovered_groups"] for r in fec) > 0
     assert sum(r["skipped_groups"] for r in fec) < sum(r["skipped_groups"] for r in plain) / 2
+
+
+class _Count:
+    """Wraps a link: counts the FEC parity frames sent through it (downlink chunks and uplink)."""
+
+    def __init__(self, link) -> None:
+        self._link, self.sent = link, Counter()
+
+    def __getattr__(self, name):
+        return getattr(self._link, name)
+
+    async def send(self, channel: Channel, data: bytes) -> None:
+        msg = codec.decode(data)
+        kind = type(msg).__name__
+        if isinstance(msg, LayerInput):
+            kind += " parity" if msg.chunk >= msg.n_data else " data"
+        self.sent[kind] += 1
+        await self._link.send(channel, data)
+
+
+@pytest.mark.parametrize("measured_plr", [None, 0.0, 0.05])
+async def test_fec_parity_only_on_links_not_measured_clean(stories, measured_plr) -> None:
+    """Downlink and uplink parity frames go out unless the link's heartbeats measured PLR 0."""
+    source, tok = stories
+    swarm = await start_emulated_swarm(source, _profiles([1, 1]),
+                                       SessionOptions(mode="halo", wire_dtype="float16", max_seq_len=512))
+    worker = swarm.workers[0]
+    down = swarm.coordinator.links[worker.peer_id]
+    for link in (down, worker.link):
+        link.stats.measured_plr = measured_plr
+    worker.link = up = _Count(worker.link)
+    swarm.coordinator.links[worker.peer_id] = down = _Count(down)
+    try:
+        await _generate(swarm.coordinator, tok, "Tom and Sue")
+    finally:
+        await swarm.aclose()
+    assert down.sent["LayerInput data"] > 0 and up.sent["Partial"] > 0
+    lossy = measured_plr != 0.0
+    assert (down.sent["LayerInput parity"] > 0) == lossy and (up.sent["PartialParity"] > 0) == lossy
 
 
 class _Tamper:

@@ -36,7 +36,7 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy
-from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint, step_channel
+from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint, measured_lossy, step_channel
 from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import split_ranges
 from halo_p2p.wire.messages import (
@@ -294,7 +294,8 @@ class Coordinator:
         n_data = max(1, math.ceil(wire.size / max_elems))
         chunks = [wire[a:b] for a, b in split_ranges(wire.size, n_data)]
         # one parity chunk per 4 data chunks at least: a prompt's input spans many chunks
-        n_parity = min(n_data, max(self._n_parity, math.ceil(n_data / 4))) if channel == Channel.UNRELIABLE else 0
+        lossy = channel == Channel.UNRELIABLE and measured_lossy(self.links[peer])   # downlink FEC
+        n_parity = min(n_data, max(self._n_parity, math.ceil(n_data / 4))) if lossy else 0
         offsets = [a for a, _ in split_ranges(wire.size, n_data)]
         frames = []
         for k, data in enumerate([*chunks, *fec.encode_parity(chunks, n_parity)]):

@@ -15,12 +15,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from halo_p2p.errors import WireError
-from halo_p2p.net.link import Channel
+from halo_p2p.net.link import Channel, Link
 from halo_p2p.wire import fec
 from halo_p2p.wire.chunks import Reassembly, split_ranges
 from halo_p2p.wire.messages import Partial, PartialParity
 
-__all__ = ["ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord", "mean_recall", "step_channel"]
+__all__ = ["ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord", "mean_recall", "measured_lossy", "step_channel"]
+
+
+def measured_lossy(link: Link) -> bool:
+    """False only when ``link``'s heartbeats measured no loss (``measured_plr == 0``): the
+    condition for sending FEC parity (``LayerInput`` parity chunks, ``PartialParity``) on a
+    decode step. Unmeasured (``None``, e.g. in-memory links or the first seconds) counts as lossy."""
+    return link.stats.measured_plr != 0
 
 
 def step_channel(mode: str, n_tokens: int) -> Channel:

@@ -29,7 +29,7 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import RELIABLE_CHUNK_BYTES
-from halo_p2p.session.sync import step_channel
+from halo_p2p.session.sync import measured_lossy, step_channel
 from halo_p2p.wire import codec, fec
 from halo_p2p.wire.chunks import Reassembly, chunk_ranges, split_ranges
 from halo_p2p.wire.messages import (
@@ -295,7 +295,8 @@ class Worker:
                 del self._inputs[old]
             partials = await self.compute.run(self.shard.partials, layer, part, x, inp.start_pos)
             channel = step_channel(self.mode, inp.n_tokens)
-            frames = self._frames(step, layer, part, partials, channel)
+            parity = self._parity_on(channel)
+            frames = self._frames(step, layer, part, partials, channel, parity)
             self._results[key] = frames
             while len(self._results) > _KEEP_RESULTS:
                 old, _ = self._results.popitem(last=False)
@@ -303,7 +304,7 @@ class Worker:
             self._channels[key] = channel
             # every group's data first, then its parity frames (the last of each group's frames,
             # needed only if something was lost)
-            k = int(self._parity_on(channel))
+            k = int(parity)
             await self._send_all(channel, [f for fs in frames for f in fs[:len(fs) - k]] +
                                  [f for fs in frames for f in fs[len(fs) - k:]])
 
@@ -314,13 +315,13 @@ class Worker:
                 await self.link.drain()
             await self.link.send(channel, frame)
 
-    def _frames(self, step: int, layer: int, part: int, partials: np.ndarray, channel: Channel) -> list[list[bytes]]:
+    def _frames(self, step: int, layer: int, part: int, partials: np.ndarray, channel: Channel,
+                parity: bool) -> list[list[bytes]]:
         groups = self.shard.groups_at(layer, part) if self.shard else []
         wire = partials.astype(self.wire_dtype).reshape(len(groups), -1)
         max_elems = (codec.max_payload_elems(self.wire_dtype, message_type=Partial) if channel == Channel.UNRELIABLE
                      else RELIABLE_CHUNK_BYTES // self.wire_dtype.itemsize)
         ranges = chunk_ranges(wire.shape[1], max_elems) if wire.size else []
-        parity = self._parity_on(channel)
         out = []
         for g, row in zip(groups, wire, strict=True):
             where = {"session": self.session, "step": step, "layer": layer, "part": part, "group": g}
@@ -332,8 +333,11 @@ class Worker:
         return out
 
     def _parity_on(self, channel: Channel) -> bool:
-        """Whether each group's frames end with a PartialParity (uplink FEC, unreliable channel only)."""
-        return self.uplink_parity and channel == Channel.UNRELIABLE
+        """Whether each group's frames end with a PartialParity: uplink FEC on the unreliable
+        channel, unless the link's heartbeats measured no loss at all (``measured_plr == 0``;
+        ``None``, not yet measured, counts as lossy): on a clean link a parity frame per group
+        only doubles the frames of one-packet partials."""
+        return self.uplink_parity and channel == Channel.UNRELIABLE and measured_lossy(self.link)
 
     async def _on_resend(self, msg: Resend) -> None:
         key = (msg.step, msg.layer, msg.part)
