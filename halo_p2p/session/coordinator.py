@@ -293,7 +293,7 @@ class Coordinator:
                      else RELIABLE_CHUNK_BYTES // wire.dtype.itemsize)
         n_data = max(1, math.ceil(wire.size / max_elems))
         chunks = [wire[a:b] for a, b in split_ranges(wire.size, n_data)]
-        # one parity chunk per 4 data chunks at least: a prompt's input spans many chunks
+        # one parity chunk per 4 data chunks at least: a wide model's input spans several chunks
         lossy = channel == Channel.UNRELIABLE and measured_lossy(self.links[peer])   # downlink FEC
         n_parity = min(n_data, max(self._n_parity, math.ceil(n_data / 4))) if lossy else 0
         offsets = [a for a, _ in split_ranges(wire.size, n_data)]
@@ -322,11 +322,9 @@ class Coordinator:
     async def _wait(self, sp: SyncPoint) -> None:
         loop = asyncio.get_running_loop()
         deadlines = {p: sp.sent_at_s + self._timers[(p, sp.part)].deadline_s() for p in set(sp.owners.values())}
-        # first Resend: at the peer's deadline, or once its burst of chunks has gone silent for a
-        # gap (the rest is lost); a prompt's compute is slower than the decode steps timed, so a
-        # peer that has sent nothing yet gets the initial deadline at least
-        first = self.options.initial_deadline_s if sp.n_tokens > 1 else 0.0
-        next_resend = {p: max(d, sp.sent_at_s + first) for p, d in deadlines.items()}
+        # first Resend (decode steps only: prompts travel the reliable channel, step_channel): at
+        # the peer's deadline, or once its burst of chunks has gone silent for a gap (the rest is lost)
+        next_resend = dict(deadlines)
         last_resend: dict[str, float] = {}
         last_progress = loop.time()
         while not sp.all_complete:

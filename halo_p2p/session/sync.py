@@ -38,7 +38,7 @@ def step_channel(mode: str, n_tokens: int) -> Channel:
     steps (``n_tokens > 1``) on the reliable one: every group of a prompt is critical (the KV
     cache must be exact) and each partial spans dozens of packets, so SCTP's own retransmission
     repairs a burst's losses sooner than Resend round trips (namespaces, 5 % PLR: a 37-token
-    SmolLM2 prompt took 34 s over the unreliable channel, 9-12 s over the reliable one;
+    SmolLM2 prompt took 34 s over the unreliable channel, 8-19 s over the reliable one;
     docs/benchmarks.md §7).
     """
     return Channel.UNRELIABLE if mode == "halo" and n_tokens == 1 else Channel.RELIABLE
