@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import statistics
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from halo_p2p.errors import ConfigError, LinkClosed, TransportError
-from halo_p2p.net import webrtc
+from halo_p2p.net import sctp_tuning, webrtc
 from halo_p2p.net.link import Channel, Link, recv_timeout
 from halo_p2p.net.signaling import connect
 from halo_p2p.net.swarmkey import generate_swarm_key, parse_swarm_key
@@ -93,6 +94,118 @@ async def test_loss_does_not_shrink_the_congestion_window_below_the_floor(
     assert sorted(d for _, d in await recv_n(b, 40)) == frames
 
 
+class SctpPackets:
+    """Counts the SCTP packets one end sends, by chunk type; optionally drops some (loss)."""
+
+    def __init__(self, link: WebRtcLink, drop: Any = None) -> None:
+        self.data = self.sack_only = self.bundled = 0
+        dtls = link._pc.sctp.transport
+        send = dtls._send_data
+
+        async def counted(packet: bytes) -> None:
+            chunks, pos = [], 12                      # (type, offset) after the common header
+            while pos + 4 <= len(packet):
+                kind, _, length = struct.unpack_from("!BBH", packet, pos)
+                chunks.append((kind, pos))
+                pos += max(4, (length + 3) & ~3)
+            kinds = {kind for kind, _ in chunks}
+            if 0 in kinds:
+                self.data += 1
+                self.bundled += 3 in kinds
+                tsns = [struct.unpack_from("!L", packet, at + 4)[0] for kind, at in chunks if kind == 0]
+                if drop is not None and drop(tsns):
+                    return
+            elif kinds == {3}:
+                self.sack_only += 1
+            await send(packet)
+
+        dtls._send_data = counted
+
+
+async def test_sacks_ride_with_the_answers_of_a_request_response_exchange() -> None:
+    """Stock aiortc sends a SACK packet per DATA packet; delayed, the SACK rides in the answer."""
+    a, b = await make_pair(heartbeat_interval_s=2.0, dead_after_s=6.0)
+    try:
+        for link in (a, b):
+            sctp = link._pc.sctp
+            assert isinstance(sctp._send_sack.__self__, sctp_tuning._DelayedSack)
+            assert isinstance(sctp._data_channel_send.__self__, sctp_tuning._CoalescedFlush)
+            assert isinstance(sctp.transport.transport._recv.__self__, sctp_tuning._InlineReceive)
+        sent_by = {a: SctpPackets(a), b: SctpPackets(b)}
+        for channel in (Channel.UNRELIABLE, Channel.RELIABLE):
+            for i in range(50):
+                request = i.to_bytes(4, "big") * 162
+                await a.send(channel, request)
+                assert await recv_n(b, 1) == [(channel, request)]
+                await b.send(channel, request[::-1])
+                assert await recv_n(a, 1) == [(channel, request[::-1])]
+        for link, packets in sent_by.items():     # 100 messages each way (and a heartbeat or two)
+            assert 100 <= packets.data <= 102, link
+            assert packets.sack_only <= 5 and packets.bundled >= 90, vars(packets)   # stock: 100 and 0
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_one_way_frames_are_acknowledged_every_second_packet_and_within_the_delay() -> None:
+    a, b = await make_pair(heartbeat_interval_s=2.0, dead_after_s=6.0)
+    try:
+        sent_by_b = SctpPackets(b)
+        frames = [bytes([i]) * 600 for i in range(41)]
+        for frame in frames:
+            await a.send(Channel.UNRELIABLE, frame)
+        assert sorted(d for _, d in await recv_n(b, 41)) == frames
+        await asyncio.sleep(sctp_tuning.SACK_DELAY_S * 5)
+        assert 20 <= sent_by_b.sack_only + sent_by_b.bundled <= 22, vars(sent_by_b)   # #2, #4, ..., #40, timer
+        assert not a._pc.sctp._sent_queue and a._pc.sctp._flight_size == 0   # all 41 acknowledged
+        before = sent_by_b.sack_only
+        await a.send(Channel.RELIABLE, bytes(20 * 1160))     # 20 packets: a SACK each, as stock, so the
+        assert await recv_n(b, 1) == [(Channel.RELIABLE, bytes(20 * 1160))]   # sender's window opens as fast
+        assert sent_by_b.sack_only - before >= 19
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_both_channels_recover_from_lost_packets_with_delayed_sacks() -> None:
+    """Lose the first transmission of every 7th DATA packet: the reliable channel retransmits
+    (gaps are SACKed at once, so fast retransmit works), the unreliable one skips the lost frames
+    (FORWARD TSN) and keeps delivering the rest."""
+    a, b = await make_pair(heartbeat_interval_s=2.0, dead_after_s=8.0)
+    try:
+        seen: set[int] = set()
+        lost: list[int] = []
+
+        def drop(tsns: list[int]) -> bool:
+            fresh = [t for t in tsns if t not in seen]   # a retransmission is never dropped
+            seen.update(tsns)
+            if fresh and len(seen) % 7 == 0:
+                lost.extend(fresh)
+                return True
+            return False
+
+        SctpPackets(a, drop)
+        messages = [os.urandom(20_000) for _ in range(20)]          # 18 packets each
+        for message in messages:
+            await a.send(Channel.RELIABLE, message)
+        assert await recv_n(b, 20, timeout_s=5) == [(Channel.RELIABLE, m) for m in messages]
+        assert len(lost) >= 40
+        lost.clear()
+        frames = [i.to_bytes(2, "big") * 300 for i in range(60)]
+        for frame in frames:
+            await a.send(Channel.UNRELIABLE, frame)
+        await asyncio.sleep(0.05)                                    # the flush sends them
+        assert len(lost) >= 5
+        got = {d for _, d in await recv_n(b, 60 - len(lost), timeout_s=10)}
+        assert len(got) == 60 - len(lost) and got <= set(frames)
+        await a.send(Channel.RELIABLE, b"after the loss")
+        assert await recv_n(b, 1) == [(Channel.RELIABLE, b"after the loss")]
+        assert await recv_timeout(b, 0.2) is None
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_unreliable_frames_of_1160_bytes_arrive_and_1161_raises(pair: tuple[WebRtcLink, WebRtcLink]) -> None:
     a, b = pair
     frames = [bytes([i]) * 1160 for i in range(20)]
@@ -126,6 +239,8 @@ async def test_reliable_messages_up_to_262144_bytes_arrive_in_order(pair: tuple[
 async def test_heartbeats_measure_rtt_and_no_loss_and_stay_inside_the_link() -> None:
     a, b = await make_pair(heartbeat_interval_s=0.05)
     try:
+        await asyncio.sleep(0.05)
+        assert a.stats.measured_plr is None       # a few acknowledged heartbeats do not make a link clean
         await asyncio.sleep(1.0)
         for link in (a, b):
             st = link.stats
