@@ -8,7 +8,9 @@ the objective and the algorithm.
 * :mod:`~halo_p2p.scheduler.model`: inputs (:class:`PeerModel`, :class:`GroupStats`,
   :class:`SchedulerConfig`), outputs (:class:`Schedule`, :class:`PeerLoad`), and the node's
   adapter :func:`peer_models_from`.
-* :mod:`~halo_p2p.scheduler.cost`: the cost model and :func:`evaluate_plan`.
+* :mod:`~halo_p2p.scheduler.cost`: the cost model (wire protocol 2: one answer per worker per
+  sync point) and :func:`evaluate_plan`; :mod:`~halo_p2p.scheduler.frames`: elements per frame of
+  each wire format, from the session's own framing.
 * :mod:`~halo_p2p.scheduler.search`: :func:`schedule` and :func:`schedule_for_layout` (memory
   allocation over the sync points); :mod:`~halo_p2p.scheduler.greedy`: one sync point.
 * :mod:`~halo_p2p.scheduler.replan`: :class:`Replanner` (hysteresis) and :func:`moved_groups`.

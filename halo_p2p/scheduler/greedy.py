@@ -24,12 +24,13 @@ Deterministic: fixed orders, no randomness.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from halo_p2p.errors import PlanError
-from halo_p2p.scheduler.cost import CostModel
+from halo_p2p.scheduler.cost import CostModel, Terms
 
 __all__ = ["SyncState", "greedy", "improve"]
 
@@ -37,12 +38,18 @@ log = logging.getLogger(__name__)
 
 _EPS_S = 1e-9    # an improvement must exceed this (seconds) to be applied
 _TIE_S = 1e-12   # objective differences below this (seconds) are ties
+_CRIT = 1.0 - 1e-12
 
-Terms = tuple[float, float, float]
+Change = dict[int, tuple[tuple[int, ...], tuple[int, ...]]]
+"""peer -> (groups added, groups removed)."""
 
 
 class SyncState:
     """The groups of one sync point and who holds them during the search.
+
+    Per peer it keeps the group count, and what its answer's criticality and quality depend on
+    (one answer per worker): how many of its groups are surely critical, the log-probability that
+    none of the others is, and the sum of its groups' weighted importance.
 
     Args:
         cost: the cost model.
@@ -54,31 +61,51 @@ class SyncState:
     def __init__(self, cost: CostModel, part: int, pc: np.ndarray, imp: np.ndarray, lam: float) -> None:
         self.cost, self.part = cost, part
         self.pc: list[float] = pc.tolist()
-        self.imp: list[float] = imp.tolist()
-        self.x: list[float] = (imp * (1.0 - pc) * lam).tolist()   # quality stake: seconds per certain loss
+        self.xi: list[float] = (imp * lam).tolist()                # seconds if the group is skipped
+        self.x: list[float] = (imp * (1.0 - pc) * lam).tolist()   # quality stake (ordering heuristic)
         self.stake = [c * cost.stake_crit + x * cost.stake_loss for c, x in zip(self.pc, self.x, strict=True)]
+        self.sure = [c >= _CRIT for c in self.pc]
+        self.lc = [0.0 if c >= _CRIT else math.log1p(-c) for c in self.pc]
         self.w = cost.params[part]
         n_peers = len(cost.peers)
         self.n = [0] * n_peers
-        self.kap = [0.0] * n_peers
-        self.t: list[Terms] = [(0.0, 0.0, 0.0)] * n_peers
+        self.zc = [0] * n_peers          # groups surely critical
+        self.lp = [0.0] * n_peers        # log P(none of the others is critical)
+        self.big_x = [0.0] * n_peers     # sum of xi
+        self.t: list[Terms] = [(0.0, 0.0, 0.0, 0.0)] * n_peers
         self.where = [-1] * len(self.pc)
 
-    def terms(self, p: int, dn: int = 0, dk: float = 0.0) -> Terms:
-        """Terms of peer ``p`` with ``dn`` more groups and ``dk`` more expected critical ones."""
-        n = self.n[p] + dn
-        return self.cost.terms(p, self.w * n, n, self.kap[p] + dk)
+    def _terms(self, p: int, n: int, zc: int, lp: float) -> Terms:
+        return self.cost.terms(p, self.w * n, n, 1.0 if zc else -math.expm1(lp))
+
+    def _lost(self, p: int, zc: int, lp: float, big_x: float) -> float:
+        return 0.0 if zc or not big_x else self.cost.q[p] * math.exp(lp) * big_x
+
+    def _after(self, p: int, add: tuple[int, ...] = (), rem: tuple[int, ...] = ()) -> tuple[int, int, float, float]:
+        n, zc, lp, big_x = self.n[p], self.zc[p], self.lp[p], self.big_x[p]
+        for g in add:
+            n, zc, lp, big_x = n + 1, zc + self.sure[g], lp + self.lc[g], big_x + self.xi[g]
+        for g in rem:
+            n, zc, lp, big_x = n - 1, zc - self.sure[g], lp - self.lc[g], big_x - self.xi[g]
+        return (n, zc, lp, big_x) if n else (0, 0, 0.0, 0.0)
+
+    def change(self, moves: Change) -> tuple[dict[int, Terms], float]:
+        """The terms of the peers in ``moves`` after them, and the change of weighted lost importance."""
+        over, dq = {}, 0.0
+        for p, (add, rem) in moves.items():
+            n, zc, lp, big_x = self._after(p, add, rem)
+            over[p] = self._terms(p, n, zc, lp)
+            dq += self._lost(p, zc, lp, big_x) - self._lost(p, self.zc[p], self.lp[p], self.big_x[p])
+        return over, dq
 
     def put(self, g: int, p: int) -> None:
         old = self.where[g]
         if old >= 0:
-            self.n[old] -= 1
-            self.kap[old] -= self.pc[g]
-            self.t[old] = self.terms(old)
+            self.n[old], self.zc[old], self.lp[old], self.big_x[old] = self._after(old, rem=(g,))
+            self.t[old] = self._terms(old, self.n[old], self.zc[old], self.lp[old])
         self.where[g] = p
-        self.n[p] += 1
-        self.kap[p] += self.pc[g]
-        self.t[p] = self.terms(p)
+        self.n[p], self.zc[p], self.lp[p], self.big_x[p] = self._after(p, add=(g,))
+        self.t[p] = self._terms(p, self.n[p], self.zc[p], self.lp[p])
 
     def time(self, over: dict[int, Terms] | None = None) -> float:
         """Expected seconds of the sync point, with the terms of some peers replaced by ``over``."""
@@ -91,8 +118,7 @@ class SyncState:
 
     def lost(self) -> float:
         """Weighted expected lost importance (seconds)."""
-        q = self.cost.q
-        return sum(x * q[p] for x, p in zip(self.x, self.where, strict=True))
+        return sum(self._lost(p, self.zc[p], self.lp[p], self.big_x[p]) for p in range(len(self.n)))
 
     def objective(self) -> float:
         return self.time() + self.lost()
@@ -104,38 +130,49 @@ def greedy(s: SyncState, fits: Sequence[int], inc: Sequence[int]) -> None:
     Raises:
         PlanError: the peers' room here is smaller than the group count.
     """
-    cost, pc, x, n, kap = s.cost, s.pc, s.x, s.n, s.kap
-    q, c, base, w, terms, extra = cost.q, cost.c, cost.base, s.w, cost.terms, cost.extra
+    cost, pc, n = s.cost, s.pc, s.n
+    c, base, hold, coord, w, extra = cost.c, cost.base, cost.hold, cost.coord, s.w, cost.extra
+    sync_cpu = cost.sync_cpu
     m = total = ext = 0.0          # loss-free time, expected time, sum of the extras
+    cb = hs = 0.0                  # the coordinator's compute, its stack CPU for the workers
     order = sorted(range(len(pc)), key=lambda g: (-s.stake[g], -pc[g], g))
     for g in order:
-        pcg, xg, ig = pc[g], x[g], inc[g]
         best, bd, bb = -1, 0.0, 0.0
         for p in range(len(n)):
             k = n[p] + 1
             if k > fits[p]:
                 continue
             b = c[p] * w * k + base[p]
-            e_old = extra(p, *s.t[p], m) if s.t[p][1] or s.t[p][2] else 0.0
+            t_old = s.t[p]
+            e_old = extra(p, *t_old, m) if t_old[1] or t_old[2] else 0.0
+            over, dq = s.change({p: ((g,), ())})
             if best >= 0:                        # prune: losses add time, a higher M may hide others'
-                low = (b - m - ext if b > m else -e_old) + xg * q[p]
+                low = (b - m - ext if b > m else -e_old) + dq
                 if low > bd + _TIE_S:
                     continue
-            tp = terms(p, w * k, k, kap[p] + pcg)
-            new = total - e_old + extra(p, *tp, m) if b <= m else s.time({p: tp})   # M unchanged: O(1)
-            d = new - total + xg * q[p]
+            tp = over[p]
+            if coord[p]:
+                cpu = b + hs + (sync_cpu if hs else 0.0)
+            else:
+                held = hs + (hold[p] if not n[p] else 0.0)
+                cpu = cb + held + (sync_cpu if held else 0.0)
+            # M unchanged: O(1)
+            new = total - e_old + extra(p, *tp, m) if b <= m and cpu <= m else s.time(over)
+            d = new - total + dq
             if best < 0 or d < bd - _TIE_S:
                 best, bd, bb = p, d, b
             elif d <= bd + _TIE_S:
-                mine, theirs = p != ig, best != ig
+                mine, theirs = p != inc[g], best != inc[g]
                 if mine < theirs or (mine == theirs and b < bb):
                     best, bd, bb = p, d, b
         if best < 0:
             raise PlanError("no peer has memory left for a group", "raise memory budgets or add peers")
         s.put(g, best)
-        m = max(m, bb)
+        m = cost.loss_free(s.t)
         total = s.time()
         ext = total - m
+        cb = sum(t[0] for p, t in enumerate(s.t) if coord[p])
+        hs = sum(t[3] for t in s.t)
     _deal(s, inc)
 
 
@@ -162,7 +199,9 @@ def improve(s: SyncState, fits: Sequence[int], inc: Sequence[int], rounds: int) 
     """Local improvement of one sync point; ``fits[p]``: most groups ``p`` may hold here.
 
     Each round moves the best group off the bottleneck peer (if that helps), then sweeps the
-    peer pairs once, applying every improving swap at once (first improvement).
+    peer pairs once, applying every improving swap at once (first improvement). Every candidate
+    is scored exactly (:meth:`SyncState.change`: one answer per worker makes a group's lost
+    importance depend on the other groups of its peer).
     """
     q, pc, x = s.cost.q, s.pc, s.x
     n_peers = len(s.n)
@@ -197,8 +236,8 @@ def improve(s: SyncState, fits: Sequence[int], inc: Sequence[int], rounds: int) 
             if t == bott or s.n[t] >= fits[t]:
                 continue
             for g in cands:
-                new = s.time({bott: s.terms(bott, -1, -pc[g]), t: s.terms(t, 1, pc[g])})
-                delta = new - now + x[g] * (q[t] - q[bott])
+                over, dq = s.change({bott: ((), (g,)), t: ((g,), ())})
+                delta = s.time(over) - now + dq
                 if delta < -_EPS_S and (best is None or (delta, g) < best[:2]):
                     best = (delta, g, t)
         if best is not None:
@@ -213,11 +252,10 @@ def improve(s: SyncState, fits: Sequence[int], inc: Sequence[int], rounds: int) 
                     continue
                 hp, ht = extremes(p), extremes(t)
                 for g, h in ((hp[0], ht[1]), (hp[2], ht[3])):
-                    dk = pc[g] - pc[h]
-                    if dk <= 0 and x[g] <= x[h]:
+                    if pc[g] <= pc[h] and x[g] <= x[h]:
                         continue
-                    new = s.time({p: s.terms(p, 0, -dk), t: s.terms(t, 0, dk)})
-                    if new - now + (x[g] - x[h]) * (q[t] - q[p]) < -_EPS_S:
+                    over, dq = s.change({p: ((h,), (g,)), t: ((g,), (h,))})
+                    if s.time(over) - now + dq < -_EPS_S:
                         move(g, t)
                         move(h, p)
                         changed = True
@@ -235,22 +273,20 @@ def _stabilize(s: SyncState, fits: Sequence[int], inc: Sequence[int]) -> None:
     A group goes home by a move if its owner has room, else by a swap with a group there that
     is not at home either.
     """
-    q = s.cost.q
     for g in range(len(s.where)):
         home, p = inc[g], s.where[g]
         if home < 0 or home == p:
             continue
-        now = s.time()
+        now = s.objective()
         if s.n[home] < fits[home]:
-            new = s.time({p: s.terms(p, -1, -s.pc[g]), home: s.terms(home, 1, s.pc[g])})
-            if new - now + s.x[g] * (q[home] - q[p]) <= _TIE_S:
+            over, dq = s.change({p: ((), (g,)), home: ((g,), ())})
+            if s.time(over) + s.lost() + dq - now <= _TIE_S:
                 s.put(g, home)
                 continue
         for h in sorted((h for h, w in enumerate(s.where) if w == home and inc[h] != home),
                         key=lambda h: (inc[h] != p, h)):
-            dk = s.pc[g] - s.pc[h]
-            new = s.time({p: s.terms(p, 0, -dk), home: s.terms(home, 0, dk)})
-            if new - now + (s.x[g] - s.x[h]) * (q[home] - q[p]) <= _TIE_S:
+            over, dq = s.change({p: ((h,), (g,)), home: ((g,), (h,))})
+            if s.time(over) + s.lost() + dq - now <= _TIE_S:
                 s.put(h, p)
                 s.put(g, home)
                 break

@@ -25,6 +25,8 @@ import numpy as np
 from halo_p2p.errors import ConfigError
 from halo_p2p.groups import ATTN, MLP, PARTS, GroupLayout
 from halo_p2p.plan import PlacementPlan
+from halo_p2p.scheduler.frames import wire_chunk_elems
+from halo_p2p.wire.messages import WIRE_DTYPES
 
 __all__ = [
     "UNLIMITED_BYTES",
@@ -198,10 +200,22 @@ class SchedulerConfig:
             wait (in jitters) when a partial is lost or late.
         deadline_slack: relative slack of the initial deadline over the expected response.
         deadline_floor_s: smallest deadline (seconds), as in ``SessionOptions``.
-        wire_bytes_per_elem: bytes per activation element on the wire (float16 = 2).
-        input_chunk_elems, partial_chunk_elems: elements per LayerInput / Partial frame (one
-            SCTP packet; ``halo_p2p.wire.codec.max_payload_elems`` for float16).
-        n_parity: XOR parity chunks per layer input (halo mode).
+        wire_dtype: activation format on the wire (``Plan.wire_dtype``): ``"q8_0"`` (default),
+            ``"float16"`` or ``"float32"``; sets the three fields below when they are ``None``.
+        wire_bytes_per_elem: bytes per activation element on the wire (Q8_0: 34 / 32 = 1.0625).
+        input_chunk_elems, partial_chunk_elems: elements per LayerInput / Partial frame on the
+            unreliable channel (one SCTP packet): ``codec.payload_budget`` of the real frame
+            templates (``session.frames``; a worker answering for 8 groups, norms included),
+            rounded down to whole units (Q8_0 blocks); 1024 and 1024 for Q8_0.
+        n_parity: fewest XOR parity chunks per vector on a lossy link; a vector of ``n`` data
+            chunks gets ``min(n, max(n_parity, ceil(n / 4)))`` (``wire.vector.default_parity``
+            for 1); 0 disables FEC. Links with PLR 0 get none (the session sends parity only
+            where heartbeats measured loss).
+        frame_tx_cpu_s, frame_rx_cpu_s, vector_tx_cpu_s, vector_rx_cpu_s, sync_cpu_s: CPU
+            seconds of the network stack (every peer alike) per frame sent / received, per
+            vector sent / received and per sync point a peer takes part in
+            (``halo_p2p.sim.cpu.StackCost``); the coordinator spends them for every worker it
+            waits for, serially with its own compute. 0 (default): a free stack.
         max_recovery_attempts: cap of the expected Resend attempts ``P/(1-P)``.
         improve_rounds: local-improvement rounds per sync point.
 
@@ -217,18 +231,34 @@ class SchedulerConfig:
     deadline_k: float = 4.0
     deadline_slack: float = 0.5
     deadline_floor_s: float = 0.002
-    wire_bytes_per_elem: int = 2
-    input_chunk_elems: int = 553
-    partial_chunk_elems: int = 563
+    wire_dtype: str = "q8_0"
+    wire_bytes_per_elem: float | None = None
+    input_chunk_elems: int | None = None
+    partial_chunk_elems: int | None = None
     n_parity: int = 1
+    frame_tx_cpu_s: float = 0.0
+    frame_rx_cpu_s: float = 0.0
+    vector_tx_cpu_s: float = 0.0
+    vector_rx_cpu_s: float = 0.0
+    sync_cpu_s: float = 0.0
     max_recovery_attempts: float = 100.0
     improve_rounds: int = 8
 
     def __post_init__(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"SchedulerConfig.wire_dtype = {self.wire_dtype!r} is unknown",
+                              f"use one of {', '.join(WIRE_DTYPES)}")
+        derived = wire_chunk_elems(self.wire_dtype)
+        for name, value in zip(("wire_bytes_per_elem", "input_chunk_elems", "partial_chunk_elems"), derived,
+                               strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         for name in ("bytes_per_param", "quality_weight_s", "jitter_weight", "deadline_k", "deadline_slack",
-                     "deadline_floor_s", "max_recovery_attempts"):
+                     "deadline_floor_s", "max_recovery_attempts", "frame_tx_cpu_s", "frame_rx_cpu_s",
+                     "vector_tx_cpu_s", "vector_rx_cpu_s", "sync_cpu_s"):
             _real("SchedulerConfig", name, getattr(self, name))
-        for name, low in (("coordinator_fixed_bytes", 0), ("kv_cache_tokens", 0), ("wire_bytes_per_elem", 1),
+        _real("SchedulerConfig", "wire_bytes_per_elem", self.wire_bytes_per_elem, low=1e-3)
+        for name, low in (("coordinator_fixed_bytes", 0), ("kv_cache_tokens", 0),
                           ("input_chunk_elems", 1), ("partial_chunk_elems", 1), ("n_parity", 0),
                           ("improve_rounds", 0)):
             value = getattr(self, name)

@@ -10,7 +10,12 @@ groups placed by :mod:`halo_p2p.scheduler` and the run-time deadlines of
   Llama-2-7B, Llama-3-8B from their ``config.json``).
 * :mod:`~halo_p2p.sim.cluster`: :class:`Device`, :class:`LinkModel`, :class:`Cluster`, presets
   (:func:`rpi4b`, :func:`rpi5`, :func:`gbe_link`), and the scheduler glue :func:`place`.
-* :mod:`~halo_p2p.sim.des`: :func:`simulate` (:class:`SimOptions` -> :class:`SimResult`).
+* :mod:`~halo_p2p.sim.cpu`: the network stack's CPU cost (:class:`StackCost`), measured on this
+  machine and scaled to Raspberry Pi cores (:data:`RPI4_STACK`, :data:`RPI5_STACK`).
+* :mod:`~halo_p2p.sim.framing`: the frames of wire protocol 2, sized by the real encoder.
+* :mod:`~halo_p2p.sim.des`: :func:`simulate` (:class:`SimOptions` -> :class:`SimResult`, both in
+  :mod:`~halo_p2p.sim.options`), modes ``strict``, ``strict-unreliable`` and ``halo``, on the ports
+  and bursts of :mod:`~halo_p2p.sim.transport`.
 
 ``benchmarks/projection.py`` prints the projected TPOT table; ``benchmarks/projection.md``
 lists every assumption with its source.
@@ -19,8 +24,6 @@ lists every assumption with its source.
 from __future__ import annotations
 
 from halo_p2p.sim.cluster import (
-    AIORTC_FRAME_CPU_S,
-    NATIVE_FRAME_CPU_S,
     Cluster,
     Device,
     LinkModel,
@@ -31,17 +34,21 @@ from halo_p2p.sim.cluster import (
     rpi5,
     uniform_cluster,
 )
+from halo_p2p.sim.cpu import NATIVE_STACK, RPI4_SCALE, RPI4_STACK, RPI5_STACK, X86_STACK, StackCost
 from halo_p2p.sim.des import SimOptions, SimResult, SyncTrace, simulate
 from halo_p2p.sim.shapes import LLAMA2_7B, LLAMA3_8B, SHAPES, SMOLLM2_135M, TINYLLAMA_1_1B, ModelShape
 
 __all__ = [
-    "AIORTC_FRAME_CPU_S",
     "LLAMA2_7B",
     "LLAMA3_8B",
-    "NATIVE_FRAME_CPU_S",
+    "NATIVE_STACK",
+    "RPI4_SCALE",
+    "RPI4_STACK",
+    "RPI5_STACK",
     "SHAPES",
     "SMOLLM2_135M",
     "TINYLLAMA_1_1B",
+    "X86_STACK",
     "Cluster",
     "Device",
     "LinkModel",
@@ -49,6 +56,7 @@ __all__ = [
     "ReliableStream",
     "SimOptions",
     "SimResult",
+    "StackCost",
     "SyncTrace",
     "gbe_link",
     "place",

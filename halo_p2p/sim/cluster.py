@@ -2,15 +2,18 @@
 
 A :class:`Cluster` is a coordinator and workers, each worker joined to the coordinator by a
 :class:`LinkModel` (one switch hop, the same conditions both ways). A :class:`Device` computes a
-sync point in ``sync_overhead_s[part] + params * seconds_per_param`` and spends ``frame_cpu_s`` of its
-network stack per frame sent or received.
+sync point in ``sync_overhead_s[part] + params * seconds_per_param`` and spends the CPU of its
+network stack (:class:`~halo_p2p.sim.cpu.StackCost`: per frame, per vector, per sync point) on
+the same CPU, one job at a time (``Cluster.stack_on_compute``).
 
 Presets (every number's derivation is in ``benchmarks/projection.md``):
 
 * :func:`rpi4b`, :func:`rpi5`: seconds per parameter from distributed-llama's single-node
   ms/token divided by the model's matrix-vector parameters (Q40 weights, 4 threads): Raspberry
   Pi 4B 8 GB, Llama 2 7B, 1312.50 ms/token; Raspberry Pi 5 8 GB, Llama 3 8B, 564 ms/token
-  (b4rtaz/distributed-llama README, quoted in ``/work/shared/notes/anchors.md`` §2).
+  (b4rtaz/distributed-llama README, quoted in ``/work/shared/notes/anchors.md`` §2); the stack
+  cost of halo-p2p's Python stack measured on this machine, scaled to the Pi's core
+  (:data:`~halo_p2p.sim.cpu.RPI4_STACK`, :data:`~halo_p2p.sim.cpu.RPI5_STACK`).
 * :func:`gbe_link`: 1 GbE through one switch: 125 MB/s line rate (a Raspberry Pi 4B saturates it,
   949 Mbit/s of TCP payload, tomcore.io "Raspberry PI 4B Network Performance"), 0.173 ms ping RTT
   through gigabit switches (Linux Magazine 165, "High-resolution network monitoring with ping"),
@@ -18,8 +21,8 @@ Presets (every number's derivation is in ``benchmarks/projection.md``):
   (``network-facts.md`` §5).
 
 Also here: the simulator's queueing and transport primitives (:class:`Port`, a FIFO server;
-:class:`ReliableStream`, in-order delivery), the wire framing (:func:`packet_sizes`, from the
-project's codec) and the scheduler glue (:func:`place`, :func:`mlp_scores`).
+:class:`ReliableStream`, in-order delivery) and the scheduler glue (:func:`place`,
+:func:`mlp_scores`); the wire framing is :mod:`halo_p2p.sim.framing`.
 
 Pure module: no I/O.
 """
@@ -38,15 +41,11 @@ from halo_p2p.groups import GroupLayout
 from halo_p2p.net.link import SCTP_FRAGMENT_BYTES
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.scheduler import GroupStats, PeerModel, Schedule, SchedulerConfig, evaluate_plan, schedule_for_layout
+from halo_p2p.sim.cpu import FREE_STACK, RPI4_STACK, RPI5_STACK, StackCost
 from halo_p2p.sim.shapes import LLAMA2_7B, LLAMA3_8B, ModelShape
-from halo_p2p.wire import codec
-from halo_p2p.wire.chunks import chunk_ranges, split_ranges
-from halo_p2p.wire.messages import LayerInput, NeedInput, Partial
 
 __all__ = [
-    "AIORTC_FRAME_CPU_S",
     "COORDINATOR_ID",
-    "NATIVE_FRAME_CPU_S",
     "Q40_BYTES_PER_PARAM",
     "Cluster",
     "Device",
@@ -55,7 +54,6 @@ __all__ = [
     "ReliableStream",
     "gbe_link",
     "mlp_scores",
-    "packet_sizes",
     "place",
     "rpi4b",
     "rpi5",
@@ -69,17 +67,6 @@ COORDINATOR_ID = "c"
 
 Q40_BYTES_PER_PARAM = 18 / 32
 """distributed-llama's Q40 block: 32 4-bit weights plus one float16 scale = 18 bytes."""
-
-NATIVE_FRAME_CPU_S = 10e-6
-"""Stack CPU per 1160-byte frame of a native (kernel UDP/TCP) implementation on a Raspberry Pi 4B
-(seconds): a Pi 4B moves 949 Mbit/s of 1500-byte frames on one link, <= 12.3 us per frame
-(tomcore.io); at 1 GbE any value below the 10.3 us wire time of a frame changes nothing."""
-
-AIORTC_FRAME_CPU_S = 90e-6
-"""Stack CPU per frame of halo-p2p's Python stack (aiortc SCTP over DTLS) in seconds:
-``network-facts.md`` §5 measures a CPU ceiling of 10-16 MB/s per association on this machine's
-x86 cores, i.e. 1160 B / 13 MB/s = 89 us per frame (a Pi core is slower: optimistic there)."""
-
 
 def _check(owner: str, name: str, value: float, low: float = 0.0, high: float = math.inf) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) \
@@ -95,7 +82,7 @@ class Device:
         name: device kind, e.g. ``"rpi4b"``.
         seconds_per_param: seconds of matrix-vector work per weight parameter for one token.
         memory_bytes: bytes the device may use for weights.
-        frame_cpu_s: CPU seconds per frame sent or received by its network stack.
+        stack: CPU its network stack spends per frame, vector and sync point (default: free).
         sync_overhead_s: fixed seconds per sync point at which it computes groups, for attention
             and MLP sync points (dispatch, thread hand-off, RoPE and the KV cache).
     """
@@ -103,12 +90,13 @@ class Device:
     name: str
     seconds_per_param: float
     memory_bytes: int
-    frame_cpu_s: float = NATIVE_FRAME_CPU_S
+    stack: StackCost = FREE_STACK
     sync_overhead_s: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
-        for field in ("seconds_per_param", "frame_cpu_s"):
-            _check("Device", field, getattr(self, field))
+        _check("Device", "seconds_per_param", self.seconds_per_param)
+        if not isinstance(self.stack, StackCost):
+            raise ConfigError(f"Device.stack = {self.stack!r}", "give a halo_p2p.sim.cpu.StackCost")
         if len(self.sync_overhead_s) != 2:
             raise ConfigError(f"Device.sync_overhead_s = {self.sync_overhead_s!r}", "give (attention, mlp) seconds")
         for value in self.sync_overhead_s:
@@ -187,8 +175,12 @@ class Cluster:
         coordinator: the device serving the prompt (trunk, classifier, and groups).
         workers: the worker devices, named ``w01``, ``w02``, ... in this order.
         links: the link of each worker to the coordinator.
+        stack_on_compute: a device's network stack runs on the same CPU as its model compute,
+            one job at a time in arrival order (the Python event loop and the compute threads
+            share the Pi's cores, and distributed-llama's rate is measured with all four busy);
+            ``False``: on a core of its own, in parallel with compute.
         shared_stack: every device's network stack is one CPU (an in-process emulation whose
-            single event loop handles every peer's frames).
+            single event loop handles every peer's frames); implies a stack apart from compute.
         stack_per_message: the stack's CPU cost is per message, not per packet (an in-process
             emulation, where a reliable message is one Python call however many packets it spans).
         trunk_s: seconds the coordinator computes before each sync point's input goes out
@@ -198,6 +190,7 @@ class Cluster:
     coordinator: Device
     workers: tuple[Device, ...]
     links: tuple[LinkModel, ...]
+    stack_on_compute: bool = True
     shared_stack: bool = False
     stack_per_message: bool = False
     trunk_s: float = 0.0
@@ -237,22 +230,23 @@ class Cluster:
         return out
 
 
-def rpi4b(*, frame_cpu_s: float = NATIVE_FRAME_CPU_S, memory_bytes: int = 6 << 30) -> Device:
+def rpi4b(*, stack: StackCost = RPI4_STACK, memory_bytes: int = 6 << 30) -> Device:
     """Raspberry Pi 4B 8 GB at distributed-llama's measured rate (6 GiB for weights by default).
 
     1312.50 ms/token for Llama 2 7B on one node (Q40, 4 threads) over its 6.607e9 matrix-vector
-    parameters: 1.99e-10 s per parameter (0.199 s per billion).
+    parameters: 1.99e-10 s per parameter (0.199 s per billion). ``stack``: halo-p2p's Python stack
+    on a Pi 4B core (:data:`~halo_p2p.sim.cpu.RPI4_STACK`).
     """
-    return Device("rpi4b", 1.3125 / LLAMA2_7B.matvec_params, memory_bytes, frame_cpu_s)
+    return Device("rpi4b", 1.3125 / LLAMA2_7B.matvec_params, memory_bytes, stack)
 
 
-def rpi5(*, frame_cpu_s: float = NATIVE_FRAME_CPU_S, memory_bytes: int = 6 << 30) -> Device:
+def rpi5(*, stack: StackCost = RPI5_STACK, memory_bytes: int = 6 << 30) -> Device:
     """Raspberry Pi 5 8 GB at distributed-llama's measured rate (6 GiB for weights by default).
 
     564 ms/token for Llama 3 8B on one node (Q40, 4 threads) over its 7.505e9 matrix-vector
-    parameters: 7.52e-11 s per parameter. The per-frame cost of the 4B is kept (conservative).
+    parameters: 7.52e-11 s per parameter. ``stack``: :data:`~halo_p2p.sim.cpu.RPI5_STACK`.
     """
-    return Device("rpi5", 0.564 / LLAMA3_8B.matvec_params, memory_bytes, frame_cpu_s)
+    return Device("rpi5", 0.564 / LLAMA3_8B.matvec_params, memory_bytes, stack)
 
 
 def gbe_link(plr: float = 0.0, *, rto_s: float = 0.2, jitter_s: float = 1e-4, linux_tcp: bool = False) -> LinkModel:
@@ -269,7 +263,7 @@ def gbe_link(plr: float = 0.0, *, rto_s: float = 0.2, jitter_s: float = 1e-4, li
 
 
 def uniform_cluster(device: Device, n_devices: int, link: LinkModel, *, lossy: Sequence[int] | None = None,
-                    shared_stack: bool = False) -> Cluster:
+                    stack_on_compute: bool = True) -> Cluster:
     """``n_devices`` identical devices (one coordinator, ``n_devices - 1`` workers).
 
     Args:
@@ -277,14 +271,14 @@ def uniform_cluster(device: Device, n_devices: int, link: LinkModel, *, lossy: S
         n_devices: devices including the coordinator, ``>= 1``.
         link: every worker's link; its ``plr`` applies to the workers in ``lossy`` (indices;
             default all), the others are lossless.
-        shared_stack: see :attr:`Cluster.shared_stack`.
+        stack_on_compute: see :attr:`Cluster.stack_on_compute`.
 
     Raises:
         ConfigError: ``n_devices < 1``.
     """
     if n_devices < 1:
         raise ConfigError(f"{n_devices} devices", "use at least one device")
-    cluster = Cluster(device, (device,) * (n_devices - 1), (link,) * (n_devices - 1), shared_stack)
+    cluster = Cluster(device, (device,) * (n_devices - 1), (link,) * (n_devices - 1), stack_on_compute)
     return cluster.with_plr(link.plr, lossy)
 
 
@@ -349,53 +343,28 @@ def mlp_scores(layout: GroupLayout, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).lognormal(0.0, 0.5, (layout.n_layers, layout.n_mlp))
 
 
-def packet_sizes(dim: int, *, reliable: bool, n_parity: int = 1,
-                 packet_bytes: int = SCTP_FRAGMENT_BYTES) -> tuple[dict[str, list[int]], int, int]:
-    """Bytes of each packet of one layer input, one group's partial and one control message.
-
-    Unreliable (halo): one frame per chunk, as the coordinator and the workers cut them
-    (``codec.max_payload_elems``), with ``max(n_parity, ceil(n_data / 4))`` XOR parity chunks.
-    Reliable (strict): one message per input / per partial, cut into ``packet_bytes`` packets.
-
-    Returns:
-        ``({"in": [...], "out": [...], "ctrl": [n]}, n_data, n_parity)`` (float16 on the wire).
-    """
-    f16, step = np.float16, {"session": 1, "step": 1000, "layer": 10, "part": 1}
-    ctrl = [len(codec.encode(NeedInput(**step)))]  # type: ignore[arg-type]
-    if reliable:
-        def cut(nbytes: int) -> list[int]:
-            return [min(packet_bytes, nbytes - a) for a in range(0, nbytes, packet_bytes)]
-        inp = LayerInput(**step, start_pos=1000, n_tokens=1, chunk=0, n_data=1, n_parity=0, offset=0,  # type: ignore[arg-type]
-                         data=np.zeros(dim, f16))
-        out = Partial(**step, group=10, offset=0, data=np.zeros(dim, f16))  # type: ignore[arg-type]
-        return {"in": cut(len(codec.encode(inp))), "out": cut(len(codec.encode(out))), "ctrl": ctrl}, 1, 0
-    n_data = max(1, math.ceil(dim / codec.max_payload_elems(f16, message_type=LayerInput)))
-    n_par = min(n_data, max(n_parity, math.ceil(n_data / 4)))
-    lengths = [b - a for a, b in split_ranges(dim, n_data)]
-    inputs = [LayerInput(**step, start_pos=1000, n_tokens=1, chunk=k, n_data=n_data, n_parity=n_par,  # type: ignore[arg-type]
-                         offset=0, data=np.zeros(lengths[k], f16) if k < n_data else np.zeros(lengths[0], np.uint16))
-              for k in range(n_data + n_par)]
-    outs = [Partial(**step, group=10, offset=a, data=np.zeros(b - a, f16))  # type: ignore[arg-type]
-            for a, b in chunk_ranges(dim, codec.max_payload_elems(f16, message_type=Partial))]
-    return ({"in": [len(codec.encode(m)) for m in inputs], "out": [len(codec.encode(m)) for m in outs],
-             "ctrl": ctrl}, n_data, n_par)
-
-
 def place(shape: ModelShape, cluster: Cluster, *, mode: str, scores: np.ndarray, critical_fraction: float = 0.5,
-          bytes_per_param: float = Q40_BYTES_PER_PARAM, n_parity: int = 1, deadline_k: float = 4.0,
-          deadline_floor_s: float = 0.002, plan: PlacementPlan | None = None) -> Schedule:
+          bytes_per_param: float = Q40_BYTES_PER_PARAM, wire_dtype: str = "q8_0", fec: bool = True,
+          deadline_k: float = 4.0, deadline_floor_s: float = 0.002, stack_aware: bool = False,
+          plan: PlacementPlan | None = None) -> Schedule:
     """The scheduler's placement of ``shape`` on ``cluster`` (or ``plan``, scored by its cost model).
 
-    Statistics: :meth:`GroupStats.from_mlp_scores` with ``critical_fraction`` in halo, every
-    group critical in strict (what each mode waits for). The coordinator's fixed memory is the
-    embeddings and the classifier; the peers' rates, budgets, RTT and PLR come from
-    :meth:`Cluster.peer_models`.
+    Statistics: :meth:`GroupStats.from_mlp_scores` with ``critical_fraction`` in ``halo``, every
+    group critical in ``strict`` and ``strict-unreliable`` (what each mode waits for). The
+    coordinator's fixed memory is the embeddings and the classifier; the peers' rates, budgets,
+    RTT and PLR come from :meth:`Cluster.peer_models`; the frames from ``wire_dtype`` (parity on
+    lossy links when ``fec``). ``stack_aware``: the cost model also knows the network stack's CPU
+    (the coordinator's :attr:`Device.stack`, taken for every device); off by default, as in the
+    node (``halo_p2p.node.swarm`` schedules with ``SchedulerConfig``'s free stack).
     """
     layout = shape.layout()
     stats = GroupStats.from_mlp_scores(layout, scores, critical_fraction if mode == "halo" else 1.0)
-    _, n_data, _ = packet_sizes(layout.dim, reliable=False)
+    st = cluster.coordinator.stack
     settings = {"bytes_per_param": bytes_per_param, "deadline_k": deadline_k, "deadline_floor_s": deadline_floor_s,
-                "n_parity": min(n_data, max(n_parity, math.ceil(n_data / 4)))}
+                "wire_dtype": wire_dtype, "n_parity": 1 if fec and mode != "strict" else 0}
+    if stack_aware:
+        settings.update(frame_tx_cpu_s=st.frame_tx_s, frame_rx_cpu_s=st.frame_rx_s, vector_tx_cpu_s=st.vector_tx_s,
+                        vector_rx_cpu_s=st.vector_rx_s, sync_cpu_s=st.sync_s)
     if plan is not None:
         return evaluate_plan(plan, cluster.peer_models(), stats, SchedulerConfig(**settings))  # type: ignore[arg-type]
     trunk = shape.classifier_params * (1 if shape.tied_embeddings else 2)
