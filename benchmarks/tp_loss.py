@@ -1,10 +1,11 @@
-"""Issue #3 benchmark: strict vs halo synchronization over emulated lossy links.
+"""Issues #3 and #10: strict, strict-unreliable and halo synchronization over emulated lossy links.
 
 One coordinator + 3 workers in this process (in-memory links, one-way delay 2 ms); one worker's
 link at PLR 0/1/5/10 %. For each PLR and mode: TPOT of greedy decoding, greedy-token agreement
 with a single peer, and (halo) perplexity of held-out text scored token by token (so relaxed
 synchronization applies to every scored token). A lost packet on the reliable channel used by
-strict costs an RTO (200 ms, doubling), as in SCTP/TCP.
+strict costs an RTO (200 ms, doubling), as in SCTP/TCP; strict-unreliable waits for every answer
+on the unreliable channel with FEC and Resend, as halo does for critical groups.
 
     python benchmarks/tp_loss.py --model smollm2-135m-instruct [--predictor] [--no-uplink-fec]
                                  [--out results/tp_loss.json]
@@ -59,6 +60,7 @@ async def run(args) -> dict:
     base_ppl = await perplexity(local, text_ids)
     await local.aclose()
     out = {"model": model.name, "prompt": PROMPT, "tokens": args.tokens, "ppl_tokens": len(text_ids) - 1,
+           "wire_dtype": args.wire_dtype,
            "criticality": "predictor" if predictor is not None else "static rule",
            "uplink_fec": not args.no_uplink_fec,
            "delay_ms": args.delay_ms, "rto_ms": args.rto_ms, "local": {
@@ -70,7 +72,7 @@ async def run(args) -> dict:
             lossy = LinkConditions(plr=plr, delay_s=args.delay_ms / 1000, rto_s=args.rto_ms / 1000)
             peers = [PeerProfile(name="c"), PeerProfile(name="w1", link=link), PeerProfile(name="w2", link=link),
                      PeerProfile(name="w3", link=lossy)]
-            options = SessionOptions(mode=mode, wire_dtype="float16", max_seq_len=1024)
+            options = SessionOptions(mode=mode, wire_dtype=args.wire_dtype, max_seq_len=1024)
             policy = (PredictorPolicy(predictor, args.critical_fraction, attn_critical=1.0)
                       if predictor is not None and mode == "halo" else None)
             swarm = await start_emulated_swarm(model.source, peers, options, critical_fraction=args.critical_fraction,
@@ -111,23 +113,29 @@ async def run(args) -> dict:
 
 
 def table(res: dict) -> str:
-    rows = ["| PLR | strict TPOT (ms) | halo TPOT (ms) | speedup | halo TPOT vs PLR 0 | halo skipped groups/token | "
-            "rebuilt/token | resends/token | halo uplink KB/token | halo token agreement | "
-            "halo perplexity (Δ vs PLR 0) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| PLR | strict TPOT (ms) | strict-unreliable TPOT (ms) | halo TPOT (ms) | halo vs strict | "
+            "halo vs strict-unreliable | halo TPOT vs PLR 0 | halo skipped groups/token | rebuilt chunks/token | "
+            "resends/token | halo uplink KB/token | halo token agreement | halo perplexity (Δ vs PLR 0) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["plr"], r["mode"]): r for r in res["runs"]}
     base = by.get((0.0, "halo"), {})
+
+    def ms(r: dict | None) -> str:
+        return f"{r['tpot_ms']:.1f}" if r else "-"
+
     for plr in sorted({r["plr"] for r in res["runs"]}):
-        s, h = by.get((plr, "strict")), by.get((plr, "halo"))
+        s, u, h = by.get((plr, "strict")), by.get((plr, "strict-unreliable")), by.get((plr, "halo"))
         if not h:
             continue
         speed = f"{s['tpot_ms'] / h['tpot_ms']:.2f}x" if s else "-"
+        fair = f"{u['tpot_ms'] / h['tpot_ms']:.2f}x" if u else "-"
         rel = f"{h['tpot_ms'] / base['tpot_ms']:.2f}x" if base else "-"
         ppl = h["perplexity"]
         dppl = f"{ppl:.3f} ({100 * (ppl / base['perplexity'] - 1):+.2f} %)" if ppl and base.get("perplexity") else "-"
-        rows.append(f"| {100 * plr:g} % | {s['tpot_ms']:.1f} | " if s else f"| {100 * plr:g} % | - | ")
-        rows[-1] += (f"{h['tpot_ms']:.1f} | {speed} | {rel} | {h['mean_skipped_groups']:.2f} | "
-                     f"{h.get('rebuilt_groups_per_token') or 0:.2f} | {h['resends_per_token']:.2f} | "
-                     f"{h.get('uplink_kb_per_token', 0):.1f} | {100 * h['token_agreement']:.0f} % | {dppl} |")
+        rows.append(f"| {100 * plr:g} % | {ms(s)} | {ms(u)} | {ms(h)} | {speed} | {fair} | {rel} | "
+                    f"{h['mean_skipped_groups']:.2f} | {h.get('rebuilt_groups_per_token') or 0:.2f} | "
+                    f"{h['resends_per_token']:.2f} | {h.get('uplink_kb_per_token', 0):.1f} | "
+                    f"{100 * h['token_agreement']:.0f} % | {dppl} |")
     return "\n".join(rows)
 
 
@@ -135,7 +143,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--plrs", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.01, 0.05, 0.1])
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["strict", "halo"])
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["strict", "strict-unreliable", "halo"])
+    p.add_argument("--wire-dtype", default="q8_0", help="activation format on the wire (default q8_0)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=200)
     p.add_argument("--delay-ms", type=float, default=2.0)
@@ -143,7 +152,7 @@ def main() -> None:
     p.add_argument("--critical-fraction", type=float, default=0.5)
     p.add_argument("--predictor", action="store_true",
                    help="halo: the semantic-aware predictor picks the critical MLP groups (default: static rule)")
-    p.add_argument("--no-uplink-fec", action="store_true", help="workers send no PartialParity frames")
+    p.add_argument("--no-uplink-fec", action="store_true", help="workers send no parity chunks with their answers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/tp_loss.json"))
     args = p.parse_args()

@@ -19,7 +19,9 @@ def test_namespace_swarm_under_loss(env, tmp_path) -> None:
     ok, why = available()
     if not ok:
         pytest.skip(f"network namespaces unavailable: {why}")
-    lossy = asyncio.run(netns_run(env, tmp_path, 0.05, tokens=6))
+    # float16 on the wire: the answer's first token is a near-tie ("The" 25.33 vs "L" 25.24 logits),
+    # which Q8_0's rounding flips on some placements (its quality: perplexity, docs/benchmarks.md §10)
+    lossy = asyncio.run(netns_run(env, tmp_path, 0.05, tokens=6, wire_dtype="float16"))
     for mode in ("strict", "halo"):
         assert lossy[mode]["split"]["peers"] == 4
         assert "Paris" in lossy[mode]["text"]

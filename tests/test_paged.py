@@ -284,3 +284,32 @@ def test_library_pages_through_the_user_block_cache(layout, tmp_path, monkeypatc
             counts.append((shard.stats()["cache_misses"], len(shard.order)))
     assert counts[0][0] == counts[0][1] and counts[1][0] == 0
     assert len(list((tmp_path / "halo-p2p" / "blocks" / sha[:16]).glob("*.npy"))) == counts[0][1]
+
+
+@pytest.mark.parametrize("kind", ["group", "paged"])
+def test_answer_rows_sum_the_partials_and_one_row_skips_forming_them(source, layout, kind) -> None:
+    """``answer`` (a worker's reply): each row is the sum of its groups' partials, any subset of
+    the held groups, with their norms on request; GroupShard and PagedShard agree."""
+    groups = [g for g in layout.all_groups() if g.index % 2 == 0 or g.part == ATTN]
+    make = {"group": lambda: GroupShard(source, layout, groups, max_seq_len=16),
+            "paged": lambda: PagedShard(source, layout, groups, max_seq_len=16, memory_budget_bytes=1 << 30)}
+    shard, ref = make[kind](), GroupShard(source, layout, groups, max_seq_len=16)
+    rng = np.random.default_rng(4)
+    for pos in range(3):
+        for layer in range(layout.n_layers):
+            for part in PARTS:
+                x = rng.standard_normal((1, layout.dim)).astype(np.float32)
+                held = shard.groups_at(layer, part)
+                p = ref.partials(layer, part, x, pos)                       # keeps ref's KV cache in step too
+                rows = [held[::2], held[1::2]] if len(held) > 1 else [held]
+                got, norms = shard.answer(layer, part, x, pos, [r for r in rows if r], norms=True)
+                want = np.stack([p[[held.index(g) for g in r]].sum(axis=0) for r in rows if r])
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                flat = [held.index(g) for r in rows for g in r]
+                np.testing.assert_allclose(norms, np.linalg.norm(p[flat].reshape(len(flat), -1), axis=1), rtol=1e-5)
+                one, none = shard.answer(layer, part, x, pos, [held[1:]], norms=False) if len(held) > 1 else (None, 0)
+                if one is not None:                                        # one row of a subset: dense, masked
+                    assert none is None
+                    np.testing.assert_allclose(one[0], p[1:].sum(axis=0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyError):
+        shard.answer(0, MLP, np.zeros((1, layout.dim), np.float32), 3, [[1]], norms=False)   # an odd group: not held

@@ -27,7 +27,7 @@ from halo_p2p.net.signaling import (
 )
 from halo_p2p.net.webrtc import Handshake, WebRtcLink, pin_host_addresses
 from halo_p2p.wire.codec import encode
-from halo_p2p.wire.messages import Message, SignalAnswer, SignalOffer, SignalRefused
+from halo_p2p.wire.messages import WIRE_VERSION, Message, SignalAnswer, SignalOffer, SignalRefused
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -185,8 +185,9 @@ async def test_version_mismatch_is_refused_and_logged(harness: Harness, caplog: 
     reply = await exchange(harness.server.port, framed(offer_for("v=0\r\n", protocol=SIGNALING_PROTOCOL + 1)))
     assert isinstance(reply, SignalRefused) and reply.code == "version" and "protocol 2" in reply.reason
     items = cbor2.loads(encode(offer_for("v=0\r\n")))
-    reply = await exchange(harness.server.port, framed(cbor2.dumps([2, *items[1:]])))   # wire version 2
-    assert isinstance(reply, SignalRefused) and reply.code == "version" and "wire version 2" in reply.reason
+    newer = WIRE_VERSION + 1
+    reply = await exchange(harness.server.port, framed(cbor2.dumps([newer, *items[1:]])))
+    assert isinstance(reply, SignalRefused) and reply.code == "version" and f"wire version {newer}" in reply.reason
     assert harness.server.stats == {"refused_version": 2}
     assert sum("(version)" in r.getMessage() for r in caplog.records) == 2
 

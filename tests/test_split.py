@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections import Counter
 
 import numpy as np
 import pytest
 
+from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.local import LocalEngine
-from halo_p2p.groups import MLP, GroupId, GroupLayout
+from halo_p2p.groups import MLP, PARTS, GroupId, GroupLayout
 from halo_p2p.model.gguf import GgufModel
 from halo_p2p.model.llama2c import Llama2cModel
 from halo_p2p.model.llama2c_tokenizer import Llama2cTokenizer
 from halo_p2p.model.registry import resolve
 from halo_p2p.model.shard import GroupShard
 from halo_p2p.net.link import Channel, LinkConditions
+from halo_p2p.net.memory import memory_link_pair
 from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator
+from halo_p2p.session.sync import NORM_EVERY_STEPS
+from halo_p2p.session.worker import Worker
 from halo_p2p.wire import codec
-from halo_p2p.wire.messages import LayerInput, Partial
+from halo_p2p.wire.framing import input_template
+from halo_p2p.wire.messages import LayerInput, Partial, Plan, PlanReady
+from halo_p2p.wire.quant import wire_format
+from halo_p2p.wire.vector import encode_vector
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
@@ -127,13 +135,13 @@ async def test_halo_under_loss_skips_groups_and_is_reproducible(stories) -> None
 
 
 async def test_uplink_parity_rebuilds_lost_partials(stories) -> None:
-    """Same seed and loss: with PartialParity frames fewer groups are skipped, some are rebuilt."""
+    """Same seed and loss: with parity chunks in the answers fewer groups are skipped, some are rebuilt."""
     source, tok = stories
     _, plain = await _halo_run(source, tok, seed=3, plr=0.1, uplink_parity=False)
     _, fec = await _halo_run(source, tok, seed=3, plr=0.1)
-    assert sum(r["recovered_groups"] for r in plain) == 0
-    assert sum(r["recovered_groups"] for r in fec) > 0
-    assert sum(r["skipped_groups"] for r in fec) < sum(r["skipped_groups"] for r in plain) / 2
+    assert sum(r["recovered_chunks"] for r in plain) == 0
+    assert sum(r["recovered_chunks"] for r in fec) > 0
+    assert sum(r["skipped_groups"] for r in fec) < sum(r["skipped_groups"] for r in plain)
 
 
 class _Count:
@@ -148,7 +156,7 @@ class _Count:
     async def send(self, channel: Channel, data: bytes) -> None:
         msg = codec.decode(data)
         kind = type(msg).__name__
-        if isinstance(msg, LayerInput):
+        if isinstance(msg, LayerInput | Partial):
             kind += " parity" if msg.chunk >= msg.n_data else " data"
         self.sent[kind] += 1
         await self._link.send(channel, data)
@@ -170,9 +178,9 @@ async def test_fec_parity_only_on_links_not_measured_clean(stories, measured_plr
         await _generate(swarm.coordinator, tok, "Tom and Sue")
     finally:
         await swarm.aclose()
-    assert down.sent["LayerInput data"] > 0 and up.sent["Partial"] > 0
+    assert down.sent["LayerInput data"] > 0 and up.sent["Partial data"] > 0
     lossy = measured_plr != 0.0
-    assert (down.sent["LayerInput parity"] > 0) == lossy and (up.sent["PartialParity"] > 0) == lossy
+    assert (down.sent["LayerInput parity"] > 0) == lossy and (up.sent["Partial parity"] > 0) == lossy
 
 
 class _Tamper:
@@ -187,12 +195,15 @@ class _Tamper:
     async def send(self, channel: Channel, data: bytes) -> None:
         msg = codec.decode(data)
         if isinstance(msg, Partial):
-            f = msg.__class__
-            fields = {k: getattr(msg, k) for k in ("session", "step", "layer", "part", "group", "offset")}
+            r = dataclasses.replace
             bad = [
-                f(**{**fields, "offset": 10**6}, data=msg.data),                       # outside the partial
-                f(**{**fields, "group": 99}, data=msg.data),                            # not its group
-                f(**fields, data=np.full(msg.data.size, 1e4, np.float64).astype(np.float32)),  # wrong dtype
+                r(msg, offset=msg.offset + 10**6),                                      # outside the answer
+                r(msg, n_data=msg.n_data + 1),                                          # another chunk count
+                r(msg, n_parity=msg.n_data, chunk=msg.n_data + msg.n_data - 1, offset=0,
+                  data=np.zeros(3, np.uint16)),                                        # parity of another layout
+                r(msg, norms=np.ones(7, np.float16)),                                   # norms of 7 groups
+                r(msg, data=np.full(msg.data.size, 1e4, np.float64).astype(np.float32)),  # wrong dtype
+                r(msg, data=msg.data[:-1]),                                             # truncated payload
             ]
             for m in bad:
                 await self._link.send(channel, codec.encode(m))
@@ -278,12 +289,106 @@ async def test_live_recall_measures_the_policy(stories, best) -> None:
                                                       initial_deadline_s=0.5, deadline_floor_s=0.2),
                                        policy=policy)
     try:
-        await _generate(swarm, tok, "Once upon a time", SamplingParams(temperature=0, max_tokens=6))
+        await _generate(swarm, tok, "Once upon a time", SamplingParams(temperature=0, max_tokens=2 * NORM_EVERY_STEPS))
         records = swarm.coordinator.records
     finally:
         await swarm.aclose()
     measured = [s.recall for r in records[1:] for s in r.syncs if s.recall is not None]
     assert len(measured) >= layout.n_layers                       # MLP sync points of decode steps
     assert all(r == (1.0 if best else 0.0) for r in measured)
-    assert records[1].as_dict()["criticality_recall"] == (1.0 if best else 0.0)
+    with_norms = [r for r in records[1:] if r.step % NORM_EVERY_STEPS == 0]
+    assert with_norms and all(r.as_dict()["criticality_recall"] == (1.0 if best else 0.0) for r in with_norms)
+    assert all(r.recall is None for r in records[1:] if r.step % NORM_EVERY_STEPS)   # no norms sent: not measured
     assert records[0].recall is None                              # the prompt: all groups critical
+
+
+class _Frames:
+    """Wraps a link: counts activation frames sent per (kind, step, layer, part)."""
+
+    def __init__(self, link) -> None:
+        self._link, self.per_point = link, Counter()
+
+    def __getattr__(self, name):
+        return getattr(self._link, name)
+
+    async def send(self, channel: Channel, data: bytes) -> None:
+        msg = codec.decode(data)
+        if isinstance(msg, LayerInput | Partial):
+            self.per_point[type(msg).__name__, msg.step, msg.layer, msg.part] += 1
+        await self._link.send(channel, data)
+
+
+@pytest.mark.parametrize("mode", ["halo", "strict-unreliable", "strict"])
+async def test_one_frame_each_way_per_worker_and_sync_point(stories, mode) -> None:
+    """Wire protocol 2: a worker answers each sync point with one summed vector, not one message
+    per group; on a link measured clean (no parity) that is one frame each way for this model."""
+    source, tok = stories
+    options = SessionOptions(mode=mode, max_seq_len=512, initial_deadline_s=0.5, deadline_floor_s=0.2)   # no resends
+    swarm = await start_emulated_swarm(source, _profiles([1, 1]), options)
+    worker = swarm.workers[0]
+    down = swarm.coordinator.links[worker.peer_id]
+    for link in (down, worker.link):
+        link.stats.measured_plr = 0.0
+    worker.link = up = _Frames(worker.link)
+    swarm.coordinator.links[worker.peer_id] = down = _Frames(down)
+    try:
+        await _generate(swarm.coordinator, tok, "Tom and Sue", SamplingParams(temperature=0, max_tokens=6))
+        held = [len(worker.shard.groups_at(layer, part)) for layer in range(source.config.n_layers) for part in PARTS]
+    finally:
+        await swarm.aclose()
+    assert max(held) >= 2                                   # one message per group would send more
+    decode_steps = {step for (_, step, _, _) in up.per_point if step > 1}
+    answers = {k: n for k, n in up.per_point.items() if k[1] in decode_steps}
+    inputs = {k: n for k, n in down.per_point.items() if k[1] in decode_steps}
+    assert answers and set(answers.values()) == {1} and set(inputs.values()) == {1}
+    assert len(answers) == len(decode_steps) * sum(1 for n in held if n)
+
+
+async def test_worker_refuses_bad_inputs_counts_them_and_keeps_serving(stories) -> None:
+    """Malformed, truncated or inconsistent LayerInput frames are refused and counted; the worker
+    still answers the next good input."""
+    source, _ = stories
+    layout = GroupLayout.from_config(source.config)
+    plan = PlacementPlan.split(layout, ["c", "w"], coordinator="c")
+    a, b = memory_link_pair("c", "w")
+
+    def opener(sha, body):
+        return layout, lambda groups, max_seq_len: GroupShard(source, layout, groups, max_seq_len=max_seq_len)
+
+    worker = Worker("w", b, opener, ComputeThread("w"))
+    task = asyncio.create_task(worker.run())
+    try:
+        body = {"placement": plan.to_dict(), "max_seq_len": 64, "config": dataclasses.asdict(source.config)}
+        await a.send(Channel.RELIABLE, codec.encode(Plan(session=7, model_sha256="0" * 64, plan=body,
+                                                         wire_dtype="q8_0", mode="halo")))
+        assert isinstance(codec.decode((await a.recv())[1]), PlanReady)
+        held = tuple(g.index for g in plan.groups_of("w") if (g.layer, g.part) == (0, MLP))
+        fmt = wire_format("q8_0")
+        x = np.random.default_rng(0).standard_normal(layout.dim).astype(np.float32)
+
+        def frames(step: int, groups: tuple[int, ...], **change) -> list[bytes]:
+            t = input_template(7, step, 0, MLP, start_pos=0, n_tokens=1, groups=groups, segments=(len(groups),),
+                               fmt=fmt)
+            vec = encode_vector(fmt, x, fmt.unit_bytes, parity=False)          # one Q8_0 block a chunk: two
+            return [codec.encode(dataclasses.replace(t, **{"chunk": k, "n_data": vec.n_data, "n_parity": 0,
+                                                           "offset": vec.offset(k), "data": p, **change}))
+                    for k, p in enumerate(vec.payloads)]
+
+        good = frames(3, held)
+        for bad in (good[0][:-5],                                              # truncated frame
+                    frames(1, held, offset=7)[0],                              # offset of another chunk
+                    frames(1, held, data=np.zeros(5, np.uint8))[0]):           # payload of another length
+            await a.send(Channel.UNRELIABLE, bad)
+        await a.send(Channel.UNRELIABLE, frames(1, held)[0])
+        other = frames(1, (*held, 99), segments=(len(held) + 1,))[1]           # disagrees with chunk 0
+        await a.send(Channel.UNRELIABLE, other)
+        for f in frames(2, (1, 3) if held[0] % 2 == 0 else (0, 2)):                # groups this peer does not hold
+            await a.send(Channel.UNRELIABLE, f)
+        for f in good:
+            await a.send(Channel.UNRELIABLE, f)
+        msg = codec.decode((await asyncio.wait_for(a.recv(), 5))[1])
+        assert isinstance(msg, Partial) and (msg.step, msg.layer, msg.part) == (3, 0, MLP)
+        assert worker.counters["malformed"] >= 4 and worker.counters["bad_groups"] == 1 and not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -82,7 +82,7 @@ def test_strict_swarm_generation_equals_local(env, loopback_swarm, tmp_path) -> 
 
 
 async def netns_run(env: dict[str, str], tmp: Path, plr: float, modes: tuple[str, ...] = ("strict", "halo"),
-                    planner: str = "split", tokens: int = 10) -> dict[str, dict]:
+                    planner: str = "split", tokens: int = 10, wire_dtype: str = "q8_0") -> dict[str, dict]:
     """3 devices on an emulated LAN (device 2's link lossy); join on each, prompts from device 0."""
     devices = [DeviceLink(0, 0.001, 0, seed=1), DeviceLink(0, 0.001, 0, seed=2), DeviceLink(plr, 0.001, 0, seed=3)]
     results = {}
@@ -100,7 +100,7 @@ async def netns_run(env: dict[str, str], tmp: Path, plr: float, modes: tuple[str
             proc = await lan.spawn(0, [sys.executable, "-m", "halo_p2p", "generate", "--model",
                                        "smollm2-135m-instruct", "--chat", "--prompt", QUESTION, "--temperature", "0",
                                        "--max-tokens", str(tokens), "--json", "--sync", mode, "--planner", planner,
-                                       "--address", lan.address(0), "--wait-peers", "60",
+                                       "--address", lan.address(0), "--wait-peers", "60", "--wire-dtype", wire_dtype,
                                        "--max-peers", "3"],   # returns once all 3 are seen
                                    env=_peer_env(env, tmp, f"coord-{mode}"), stdout=asyncio.subprocess.PIPE,
                                    stderr=asyncio.subprocess.PIPE)

@@ -30,14 +30,15 @@ from halo_p2p.wire import (
     Message,
     NeedInput,
     Partial,
-    PartialParity,
     Plan,
     PlanReady,
     Resend,
     Reset,
     decode,
     encode,
-    max_payload_elems,
+    encode_vector,
+    payload_budget,
+    wire_format,
 )
 from halo_p2p.wire.messages import GroupTensor, SignalAnswer, SignalOffer, SignalRefused, WeightsDone, WeightsWanted
 
@@ -47,21 +48,19 @@ SESSION = 0x12345678
 SHA = "0123456789abcdef" * 4
 
 EXAMPLES: dict[type, Message] = {
-    LayerInput: LayerInput(session=SESSION, step=7, layer=3, part=1, start_pos=12, n_tokens=1, chunk=0,
-                           n_data=2, n_parity=1, offset=0,
+    LayerInput: LayerInput(session=SESSION, step=7, layer=3, part=1, start_pos=12, n_tokens=1, groups=(4, 9, 2),
+                           segments=(2, 1), chunk=0, n_data=2, n_parity=1, offset=0,
                            data=np.array([1.0, -2.0, 0.5, 65504.0], np.float16)),
-    Partial: Partial(session=SESSION, step=7, layer=3, part=0, group=5, offset=4,
-                     data=np.array([0.25, -0.0, 1.5], np.float32)),
-    PartialParity: PartialParity(session=SESSION, step=7, layer=3, part=1, group=5, n_data=2,
-                                 data=np.array([0x3C00 ^ 0xC000, 0x3800], np.uint16)),
-    Resend: Resend(session=SESSION, step=7, layer=3, part=0, groups=(1, 5, 30)),
+    Partial: Partial(session=SESSION, step=7, layer=3, part=0, chunk=1, n_data=2, n_parity=1, offset=576,
+                     norms=np.array([1.5, 0.25], np.float16), data=np.array([0.25, -0.0, 1.5], np.float32)),
+    Resend: Resend(session=SESSION, step=7, layer=3, part=0, chunks=(1, 5, 30)),
     NeedInput: NeedInput(session=SESSION, step=7, layer=3, part=1),
     Plan: Plan(session=SESSION, model_sha256=SHA, plan={"groups": {"0": [0, 1]}, "peers": ["a", "b"]},
-               wire_dtype="float16", mode="halo"),
+               wire_dtype="q8_0", mode="strict-unreliable"),
     PlanReady: PlanReady(session=SESSION, weight_bytes=5_000_000_000, load_s=1.25),
     Reset: Reset(session=SESSION),
     Bye: Bye(reason="shutting down"),
-    ErrorReply: ErrorReply(code="version_mismatch", message="peer speaks wire version 2"),
+    ErrorReply: ErrorReply(code="version_mismatch", message="peer speaks wire version 3"),
     Heartbeat: Heartbeat(seq=42, sent_s=1234.5),
     HeartbeatAck: HeartbeatAck(seq=42, sent_s=1234.5),
     SignalOffer: SignalOffer(peer_id="p-a", name="laptop", protocol=1, nonce="0123456789abcdef" * 2,
@@ -87,10 +86,11 @@ def frame(*items: Any) -> bytes:
 
 def partial_items(**override: Any) -> list[Any]:
     """The items of the Partial example's frame, with some replaced (by field name)."""
-    values = {"session": SESSION, "step": 7, "layer": 3, "part": 0, "group": 5, "offset": 4,
+    values = {"session": SESSION, "step": 7, "layer": 3, "part": 0, "chunk": 1, "n_data": 2, "n_parity": 1,
+              "offset": 576, "norms": cbor2.CBORTag(84, np.array([1.5, 0.25], "<f2").tobytes()),
               "data": cbor2.CBORTag(85, np.array([0.25, -0.0, 1.5], "<f4").tobytes())}
     values.update(override)
-    return [1, 2, *values.values()]
+    return [2, 2, *values.values()]
 
 
 # --- registry and message classes --------------------------------------------------------------
@@ -100,21 +100,21 @@ def test_registry_covers_the_union_and_kinds_fit_one_byte() -> None:
     assert set(typing.get_args(Message)) == set(MESSAGE_TYPES) == set(REGISTRY.values())
     assert all(REGISTRY[cls.KIND] is cls and 0 < cls.KIND < 24 for cls in MESSAGE_TYPES)
     assert {cls.__name__ for cls in MESSAGE_TYPES if not cls.RELIABLE} == {
-        "LayerInput", "Partial", "PartialParity", "Resend", "NeedInput", "Heartbeat", "HeartbeatAck"}
+        "LayerInput", "Partial", "Resend", "NeedInput", "Heartbeat", "HeartbeatAck"}
 
 
 def test_messages_are_frozen_kw_only_and_compare_arrays_bitwise() -> None:
     p = EXAMPLES[Partial]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        p.group = 1  # type: ignore[misc]
+        p.chunk = 0  # type: ignore[misc]
     with pytest.raises(TypeError):
         Reset(SESSION)  # type: ignore[misc]
     assert p == dataclasses.replace(p, data=p.data.copy())
     assert p != dataclasses.replace(p, data=p.data.astype(np.float16))
     assert p != dataclasses.replace(p, data=np.array([0.25, 0.0, 1.5], np.float32))  # -0.0 differs
-    assert p != dataclasses.replace(p, group=6) and p != EXAMPLES[NeedInput]
-    assert repr(p) == ("Partial(version=1, session=305419896, step=7, layer=3, part=0, group=5, "
-                       "offset=4, data=<float32[3]>)")
+    assert p != dataclasses.replace(p, chunk=0) and p != EXAMPLES[NeedInput]
+    assert repr(p) == ("Partial(version=2, session=305419896, step=7, layer=3, part=0, chunk=1, n_data=2, "
+                       "n_parity=1, offset=576, norms=<float16[2]>, data=<float32[3]>)")
     with pytest.raises(TypeError):
         hash(p)
 
@@ -131,8 +131,9 @@ def test_golden_frame_both_ways(cls: type) -> None:
 
 def test_partial_golden_matches_the_spec_by_hand() -> None:
     """docs/wire-protocol.md, byte by byte, without the codec."""
-    expected = bytes([0x89, 0x01, 0x02, 0x1A, 0x12, 0x34, 0x56, 0x78, 0x07, 0x03, 0x00, 0x05, 0x04,
-                      0xD8, 0x55, 0x4C]) + np.array([0.25, -0.0, 1.5], "<f4").tobytes()
+    expected = (bytes([0x8C, 0x02, 0x02, 0x1A, 0x12, 0x34, 0x56, 0x78, 0x07, 0x03, 0x00, 0x01, 0x02, 0x01,
+                       0x19, 0x02, 0x40, 0xD8, 0x54, 0x44, 0x00, 0x3E, 0x00, 0x34, 0xD8, 0x55, 0x4C])
+                + np.array([0.25, -0.0, 1.5], "<f4").tobytes())
     assert bytes.fromhex(golden_path(Partial).read_text()) == expected
 
 
@@ -178,28 +179,29 @@ def random_message(rng: np.random.Generator) -> Message:
     cls = MESSAGE_TYPES[int(rng.integers(len(MESSAGE_TYPES)))]
     u, s = (lambda m=2**32 - 1: random_uint(rng, m)), rng.choice(["", "x", "héllo ✓", "a" * 300])
     where = {"session": u(), "step": u(), "layer": u(), "part": u(1)}
-    if cls is LayerInput:
+    if cls in (LayerInput, Partial):
         n_data = max(1, u())
         n_parity = int(rng.integers(0, n_data, endpoint=True)) if n_data < 100 else u(n_data)
         chunk = int(rng.integers(0, min(n_data + n_parity, 2**32)))
         parity = chunk >= n_data
-        dtype = str(rng.choice(["uint16", "uint32"] if parity else ["float16", "float32"]))
-        return LayerInput(**where, start_pos=u(), n_tokens=max(1, u()), chunk=chunk, n_data=n_data,
-                          n_parity=n_parity, offset=0 if parity else u(), data=random_array(rng, dtype))
-    if cls is Partial:
-        return Partial(**where, group=u(), offset=u(),
-                       data=random_array(rng, str(rng.choice(["float16", "float32"]))))
-    if cls is PartialParity:
-        return PartialParity(**where, group=u(), n_data=max(1, u()),
-                             data=random_array(rng, str(rng.choice(["uint16", "uint32"]))))
+        dtype = str(rng.choice(["uint8", "uint16", "uint32"] if parity else ["uint8", "float16", "float32"]))
+        chunks = {"chunk": chunk, "n_data": n_data, "n_parity": n_parity, "offset": 0 if parity else u(),
+                  "data": random_array(rng, dtype)}
+        if cls is Partial:
+            return Partial(**where, **chunks, norms=random_array(rng, "float16")[:40])
+        groups = tuple(int(g) for g in rng.permutation(200)[:int(rng.integers(1, 30))])
+        cut = sorted({int(x) for x in rng.integers(1, len(groups), size=3)}) if len(groups) > 1 else []
+        segments = tuple(b - a for a, b in zip([0, *cut], [*cut, len(groups)], strict=True))
+        return LayerInput(**where, start_pos=u(), n_tokens=max(1, u()), groups=groups, segments=segments, **chunks)
     if cls is Resend:
-        return Resend(**where, groups=tuple(u() for _ in range(int(rng.integers(1, 40)))))
+        return Resend(**where, chunks=tuple(u() for _ in range(int(rng.integers(0, 40)))))
     if cls is NeedInput:
         return NeedInput(**where)
     if cls is Plan:
         sha = "".join(rng.choice(list("0123456789abcdef"), 64))
         plan = {"layers": [random_json(rng) for _ in range(3)], "n": u(), "m": {"x": random_json(rng)}}
-        wire_dtype, mode = str(rng.choice(["float16", "float32"])), str(rng.choice(["strict", "halo"]))
+        wire_dtype = str(rng.choice(["float16", "float32", "q8_0"]))
+        mode = str(rng.choice(["strict", "strict-unreliable", "halo"]))
         return Plan(session=u(), model_sha256=sha, plan=plan, wire_dtype=wire_dtype, mode=mode)
     if cls is PlanReady:
         return PlanReady(session=u(), weight_bytes=random_uint(rng, 2**64 - 1),
@@ -256,53 +258,70 @@ def test_decoder_accepts_big_endian_tags_and_tag_40() -> None:
     assert decode(frame(*partial_items(data=nd))) == EXAMPLES[Partial]
     empty = decode(frame(*partial_items(data=cbor2.CBORTag(84, b"")))).data
     assert empty.dtype == np.float16 and empty.shape == (0,)
+    q8 = decode(frame(*partial_items(data=cbor2.CBORTag(64, bytes(34))))).data
+    assert q8.dtype == np.uint8 and q8.shape == (34,)
 
 
 def test_decoder_accepts_cbor_ints_and_half_floats_for_float_fields() -> None:
-    assert decode(frame(1, 13, 42, 0)) == Heartbeat(seq=42, sent_s=0.0)
-    assert decode(bytes.fromhex("84010d182af93e00")) == Heartbeat(seq=42, sent_s=1.5)  # float16 1.5
+    assert decode(frame(2, 13, 42, 0)) == Heartbeat(seq=42, sent_s=0.0)
+    assert decode(bytes.fromhex("84020d182af93e00")) == Heartbeat(seq=42, sent_s=1.5)  # float16 1.5
 
 
 # --- sizes ------------------------------------------------------------------------------------
 
 
-def test_partial_of_288_float16_fits_600_bytes() -> None:
-    data = np.zeros(288, np.float16)
-    typical = Partial(session=2**31 + 5, step=40_000, layer=29, part=1, group=11, offset=288 * 3, data=data)
-    assert len(encode(typical)) == 599 <= 600  # header: 23 bytes
-    worst = Partial(session=2**32 - 1, step=2**32 - 1, layer=2**32 - 1, part=1, group=2**32 - 1,
-                    offset=2**32 - 1, data=data)
-    assert len(encode(worst)) == 610  # header: 34 bytes
+def _frames(template: Message, values: np.ndarray, fmt: str, budget: int = 1160) -> list[bytes]:
+    vec = encode_vector(wire_format(fmt), values, payload_budget(template, budget), parity=True)
+    return [encode(dataclasses.replace(template, chunk=k, n_data=vec.n_data, n_parity=vec.n_parity,  # type: ignore[type-var]
+                                       offset=vec.offset(k), data=p)) for k, p in enumerate(vec.payloads)]
 
 
-def worst(cls: type, n: int, dtype: str) -> Message:
-    top = 2**32 - 1
-    data = np.zeros(n, dtype)
-    if cls is Partial:
-        return Partial(session=top, step=top, layer=top, part=1, group=top, offset=top, data=data)
-    return LayerInput(session=top, step=top, layer=top, part=1, start_pos=top, n_tokens=top, chunk=top - 1,
-                      n_data=top, n_parity=top, offset=top, data=data)
+TOP = 2**32 - 1
+TEMPLATES = {
+    "LayerInput typical": LayerInput(session=2**31 + 5, step=40_000, layer=29, part=1, start_pos=900, n_tokens=1,
+                                     groups=(3, 7, 11, 15, 19, 23), segments=(6,), chunk=0, n_data=1, n_parity=0,
+                                     offset=0, data=np.zeros(0, np.uint8)),
+    "LayerInput worst": LayerInput(session=TOP, step=TOP, layer=TOP, part=1, start_pos=TOP, n_tokens=TOP,
+                                   groups=tuple(range(TOP - 40, TOP)), segments=(20, 20), chunk=0, n_data=1,
+                                   n_parity=0, offset=0, data=np.zeros(0, np.uint8)),
+    "Partial typical": Partial(session=2**31 + 5, step=40_000, layer=29, part=1, chunk=0, n_data=1, n_parity=0,
+                               offset=0, norms=np.zeros(6, np.float16), data=np.zeros(0, np.uint8)),
+    "Partial worst": Partial(session=TOP, step=TOP, layer=TOP, part=1, chunk=0, n_data=1, n_parity=0, offset=0,
+                             norms=np.zeros(64, np.float16), data=np.zeros(0, np.uint8)),
+}
 
 
-@pytest.mark.parametrize("cls", [LayerInput, Partial], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_max_payload_elems_is_tight_for_the_worst_header(cls: type, dtype: str) -> None:
-    for budget in [*range(48, 700, 1), 1160, 70_000]:
-        n = max_payload_elems(dtype, budget, message_type=cls)
-        if n == 0:
-            assert len(encode(worst(cls, 1, dtype))) > budget
-        else:
-            assert len(encode(worst(cls, n, dtype))) <= budget < len(encode(worst(cls, n + 1, dtype))), budget
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_payload_budget_is_exact_for_the_widest_chunk_fields(name: str) -> None:
+    """A payload of exactly the budget, with chunk/n_data/n_parity at 65535 and offset at 2**32 - 1, is 1160 bytes."""
+    for budget in (300, 1160, 4000):
+        b = payload_budget(TEMPLATES[name], budget)
+        widest = dataclasses.replace(TEMPLATES[name], chunk=0xFFFE, n_data=0xFFFF, n_parity=0xFFFF, offset=TOP,
+                                     data=np.zeros(b, np.uint8))
+        assert budget - 1 <= len(encode(widest)) <= budget     # 1 less: a payload under 256 B has a 2-byte head
 
 
-def test_max_payload_elems_at_the_sctp_budget() -> None:
-    kinds, dtypes = (LayerInput, Partial), ("float16", np.float32)
-    got = [max_payload_elems(d, message_type=c) for c in kinds for d in dtypes]
-    assert got == [553, 276, 563, 281]
-    assert max_payload_elems("float16") == 553 and max_payload_elems(np.float32) == 276
-    assert max_payload_elems("float16", 10) == 0
-    with pytest.raises(ValueError, match="Partial cannot carry uint16"):
-        max_payload_elems("uint16", message_type=Partial)
+@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize("fmt", ["q8_0", "float16", "float32"])
+def test_every_chunk_of_a_vector_fits_one_packet(name: str, fmt: str) -> None:
+    rng = np.random.default_rng(3)
+    template = dataclasses.replace(TEMPLATES[name], data=np.zeros(0, wire_format(fmt).dtype))
+    for n in (64, 576, 1152, 2048, 8192, 70_000):
+        frames = _frames(template, rng.standard_normal(n).astype(np.float32), fmt)
+        assert max(len(f) for f in frames) <= 1160, (n, [len(f) for f in frames])
+
+
+def test_a_smollm2_answer_is_one_packet_of_about_650_bytes() -> None:
+    """dim 576 in Q8_0: 18 blocks of 34 bytes (612 B); one sum per worker is one frame each way."""
+    frames = _frames(TEMPLATES["Partial typical"], np.ones(576, np.float32), "q8_0")
+    assert len(frames) == 2 and len(frames[0]) == 650   # the data chunk and its parity (a copy): 38-byte header
+    inp = _frames(TEMPLATES["LayerInput typical"], np.ones(576, np.float32), "q8_0")
+    assert len(inp) == 2 and len(inp[0]) == 648         # with its 6 groups in one segment
+
+
+def test_payload_budget_refuses_an_invalid_template() -> None:
+    with pytest.raises(WireError, match="segments"):
+        payload_budget(dataclasses.replace(TEMPLATES["LayerInput typical"], segments=(5,)))
 
 
 # --- decode errors ----------------------------------------------------------------------------
@@ -319,11 +338,11 @@ BAD_FRAMES = {
     "not an array": (cbor2.dumps({"kind": 2}), "must be a CBOR array"),
     "too short": (frame(1), "of 1 items"),
     "version str": (frame("1", 2), "version must be int, got str"),
-    "kind str": (frame(1, "2"), "unknown message kind '2'"),
-    "unknown kind": (frame(1, 99), "unknown message kind 99"),
-    "field count": (frame(*partial_items()[:-1]), "Partial frame must have 7 fields, got 6"),
-    "str for int": (frame(*partial_items(group="5")), "Partial field 'group' must be int, got str"),
-    "bool for int": (frame(*partial_items(group=True)), "field 'group' must be int, got bool"),
+    "kind str": (frame(2, "2"), "unknown message kind '2'"),
+    "unknown kind": (frame(2, 99), "unknown message kind 99"),
+    "field count": (frame(*partial_items()[:-1]), "Partial frame must have 10 fields, got 9"),
+    "str for int": (frame(*partial_items(chunk="5")), "Partial field 'chunk' must be int, got str"),
+    "bool for int": (frame(*partial_items(chunk=True)), "field 'chunk' must be int, got bool"),
     "float for int": (frame(*partial_items(step=7.0)), "field 'step' must be int, got float"),
     "negative step": (frame(*partial_items(step=-1)), "field 'step' must be in [0, 4294967295], got -1"),
     "step too big": (frame(*partial_items(step=2**32)), "got 4294967296"),
@@ -336,45 +355,57 @@ BAD_FRAMES = {
                     "must wrap a byte string, got str"),
     "odd bytes": (frame(*partial_items(data=cbor2.CBORTag(85, bytes(6)))), "6 bytes, not a multiple of 4"),
     "uint16 partial": (frame(*partial_items(data=cbor2.CBORTag(69, bytes(4)))),
-                       "must have dtype float16 or float32, got uint16"),
+                       "Partial: data chunk 1 must be float16, float32 or uint8 (q8_0 blocks), got uint16"),
+    "float32 norms": (frame(*partial_items(norms=cbor2.CBORTag(85, bytes(4)))),
+                      "field 'norms' must have dtype float16, got float32"),
+    "uint8 big-endian twin": (frame(*partial_items(data=cbor2.CBORTag(60, bytes(4)))), "got tag 60"),
     "2-D": (frame(*partial_items(data=cbor2.CBORTag(40, [[1, 2], cbor2.CBORTag(85, bytes(8))]))),
             "must be a 1-D array, got shape (1, 2)"),
     "bad shape": (frame(*partial_items(data=cbor2.CBORTag(40, [[3], cbor2.CBORTag(85, bytes(8))]))),
                   "tag 40 shape [3] but 2 elements"),
     "bad tag 40": (frame(*partial_items(data=cbor2.CBORTag(40, [2]))), "must be tag 40 [shape, typed array]"),
-    "NaN": (frame(1, 13, 1, math.nan), "Heartbeat field 'sent_s' must be finite, got nan"),
-    "str for float": (frame(1, 13, 1, "0"), "field 'sent_s' must be float, got str"),
-    "bad utf-8": (bytes.fromhex("8301") + b"\x0b" + b"\x62\xc3\x28", "not valid CBOR"),
-    "literal": (frame(1, 8, 1, SHA, {}, "float16", "fast"), "field 'mode' must be one of 'strict', 'halo'"),
-    "sha": (frame(1, 8, 1, "AB" * 32, {}, "float16", "halo"), "model_sha256 must be 64 lowercase hex"),
-    "plan list": (frame(1, 8, 1, SHA, [], "float16", "halo"), "field 'plan' must be dict, got list"),
-    "plan int key": (frame(1, 8, 1, SHA, {1: 2}, "float16", "halo"), "must have str keys, got int"),
-    "plan tag": (frame(1, 8, 1, SHA, {"t": cbor2.CBORTag(1, 0)}, "float16", "halo"),
+    "NaN": (frame(2, 13, 1, math.nan), "Heartbeat field 'sent_s' must be finite, got nan"),
+    "str for float": (frame(2, 13, 1, "0"), "field 'sent_s' must be float, got str"),
+    "bad utf-8": (bytes.fromhex("8302") + b"\x0b" + b"\x62\xc3\x28", "not valid CBOR"),
+    "literal": (frame(2, 8, 1, SHA, {}, "float16", "fast"),
+                "field 'mode' must be one of 'strict', 'strict-unreliable', 'halo'"),
+    "sha": (frame(2, 8, 1, "AB" * 32, {}, "float16", "halo"), "model_sha256 must be 64 lowercase hex"),
+    "plan list": (frame(2, 8, 1, SHA, [], "float16", "halo"), "field 'plan' must be dict, got list"),
+    "plan int key": (frame(2, 8, 1, SHA, {1: 2}, "float16", "halo"), "must have str keys, got int"),
+    "plan tag": (frame(2, 8, 1, SHA, {"t": cbor2.CBORTag(1, 0)}, "float16", "halo"),
                  "JSON-like values (None, bool, int, float, str, list, dict), got datetime.datetime"),
-    "plan typed array": (frame(1, 8, 1, SHA, {"t": cbor2.CBORTag(85, bytes(4))}, "float16", "halo"),
+    "plan typed array": (frame(2, 8, 1, SHA, {"t": cbor2.CBORTag(85, bytes(4))}, "float16", "halo"),
                          "got CBOR tag 85"),
-    "plan NaN": (frame(1, 8, 1, SHA, {"x": [math.inf]}, "float16", "halo"), "non-finite float (inf)"),
-    "plan deep": (frame(1, 8, 1, SHA, {"x": DEEP}, "float16", "halo"), "deeper than 64"),
+    "plan NaN": (frame(2, 8, 1, SHA, {"x": [math.inf]}, "float16", "halo"), "non-finite float (inf)"),
+    "plan deep": (frame(2, 8, 1, SHA, {"x": DEEP}, "float16", "halo"), "deeper than 64"),
     "too deep": (b"\x81" * 100 + b"\x00", "not valid CBOR"),
-    "shared ref": (b"\x87\x01\x08\x01" + cbor2.dumps(SHA) + bytes.fromhex("d81ca0") + cbor2.dumps("float16")
+    "shared ref": (b"\x87\x02\x08\x01" + cbor2.dumps(SHA) + bytes.fromhex("d81ca0") + cbor2.dumps("float16")
                    + cbor2.dumps("halo"), "tag 28"),
-    "empty groups": (frame(1, 3, 1, 7, 3, 0, []), "Resend: groups must not be empty"),
-    "tuple of str": (frame(1, 3, 1, 7, 3, 0, [1, "2"]), "field 'groups' item 1 must be an int"),
-    "load_s < 0": (frame(1, 9, 1, 10, -1.0), "load_s must be >= 0"),
-    "parity float": (frame(1, 1, 1, 7, 3, 0, 0, 1, 2, 2, 1, 0, cbor2.CBORTag(84, bytes(2))),
-                     "LayerInput: parity chunk 2 must be uint16 or uint32, got float16"),
-    "data uint": (frame(1, 1, 1, 7, 3, 0, 0, 1, 0, 2, 1, 0, cbor2.CBORTag(69, bytes(2))),
-                  "data chunk 0 must be float16 or float32, got uint16"),
-    "chunk range": (frame(1, 1, 1, 7, 3, 0, 0, 1, 3, 2, 1, 0, cbor2.CBORTag(69, bytes(2))),
+    "tuple of str": (frame(2, 3, 1, 7, 3, 0, [1, "2"]), "field 'chunks' item 1 must be an int"),
+    "load_s < 0": (frame(2, 9, 1, 10, -1.0), "load_s must be >= 0"),
+    "parity float": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0], [1], 2, 2, 1, 0, cbor2.CBORTag(84, bytes(2))),
+                     "LayerInput: parity chunk 2 must be uint8, uint16 or uint32, got float16"),
+    "data uint": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0], [1], 0, 2, 1, 0, cbor2.CBORTag(69, bytes(2))),
+                  "data chunk 0 must be float16, float32 or uint8 (q8_0 blocks), got uint16"),
+    "chunk range": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0], [1], 3, 2, 1, 0, cbor2.CBORTag(69, bytes(2))),
                     "chunk 3 out of range for n_data 2 + n_parity 1"),
-    "n_parity": (frame(1, 1, 1, 7, 3, 0, 0, 1, 0, 2, 3, 0, cbor2.CBORTag(84, bytes(2))),
+    "n_parity": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0], [1], 0, 2, 3, 0, cbor2.CBORTag(84, bytes(2))),
                  "n_parity (3) must be <= n_data (2)"),
-    "n_data 0": (frame(1, 1, 1, 7, 3, 0, 0, 1, 0, 0, 0, 0, cbor2.CBORTag(84, bytes(2))), "n_data (0)"),
-    "signal nonce": (frame(1, 21, "a", "b", 1, "XYZ", 1.0, "v=0", ""), "nonce must be 16 to 64 lowercase hex"),
-    "signal mac": (frame(1, 21, "a", "b", 1, "0" * 32, 1.0, "v=0", "ab"), "mac must be empty or 64 lowercase"),
-    "answer offer_nonce": (frame(1, 22, "a", "b", 1, "0" * 32, "nope", 1.0, "v=0", ""),
+    "n_data 0": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0], [1], 0, 0, 0, 0, cbor2.CBORTag(84, bytes(2))), "n_data (0)"),
+    "signal nonce": (frame(2, 21, "a", "b", 1, "XYZ", 1.0, "v=0", ""), "nonce must be 16 to 64 lowercase hex"),
+    "signal mac": (frame(2, 21, "a", "b", 1, "0" * 32, 1.0, "v=0", "ab"), "mac must be empty or 64 lowercase"),
+    "answer offer_nonce": (frame(2, 22, "a", "b", 1, "0" * 32, "nope", 1.0, "v=0", ""),
                            "nonce must be 16 to 64 lowercase hex digits, got 'nope'"),
-    "parity offset": (frame(1, 1, 1, 7, 3, 0, 0, 1, 2, 2, 1, 8, cbor2.CBORTag(69, bytes(2))),
+    "segments sum": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0, 1], [1], 0, 1, 0, 0, cbor2.CBORTag(64, bytes(34))),
+                     "segments (1,) must be >= 1 each and sum to len(groups) = 2"),
+    "repeated group": (frame(2, 1, 1, 7, 3, 0, 0, 1, [3, 3], [2], 0, 1, 0, 0, cbor2.CBORTag(64, bytes(34))),
+                       "groups (3, 3) must be non-empty and distinct"),
+    "no groups": (frame(2, 1, 1, 7, 3, 0, 0, 1, [], [], 0, 1, 0, 0, cbor2.CBORTag(64, bytes(34))),
+                  "must be non-empty and distinct"),
+    "bignum": (frame(2, 3, 1, 7, 3, 0, [cbor2.CBORTag(2, b"\xff" * 1800)]), "Resend field 'chunks'"),
+    "huge shape": (frame(*partial_items(data=cbor2.CBORTag(40, [[4, 1, 2**32 - 1, 2**32 - 1, 0],
+                                                                 cbor2.CBORTag(85, b"")]))), "Partial field 'data'"),
+    "parity offset": (frame(2, 1, 1, 7, 3, 0, 0, 1, [0], [1], 2, 2, 1, 8, cbor2.CBORTag(69, bytes(2))),
                       "parity chunk 2 must have offset 0, got 8"),
 }
 
@@ -389,15 +420,15 @@ def test_decode_error_names_the_problem(case: str) -> None:
 
 
 def test_version_mismatch_is_refused_with_the_peer_version() -> None:
-    data = frame(2, *partial_items()[1:])
-    with pytest.raises(VersionMismatch, match="peer speaks wire version 2, this peer speaks 1") as info:
+    data = frame(1, *partial_items()[1:])
+    with pytest.raises(VersionMismatch, match="peer speaks wire version 1, this peer speaks 2") as info:
         decode(data)
-    assert info.value.peer_version == 2 and isinstance(info.value, WireError)
+    assert info.value.peer_version == 1 and isinstance(info.value, WireError)
     with pytest.raises(VersionMismatch):
         decode(frame(0, 99))  # the version is checked before the kind
-    with pytest.raises(VersionMismatch, match="it says: 'version_mismatch': 'speak 2'") as info:
-        decode(frame(2, 12, "version_mismatch", "speak 2"))  # ErrorReply's layout is frozen
-    assert info.value.peer_version == 2
+    with pytest.raises(VersionMismatch, match="it says: 'version_mismatch': 'speak 1'") as info:
+        decode(frame(1, 12, "version_mismatch", "speak 1"))  # ErrorReply's layout is frozen
+    assert info.value.peer_version == 1
 
 
 def test_every_truncation_is_a_decode_error() -> None:
@@ -436,23 +467,24 @@ def test_mutated_frames_raise_only_wire_errors() -> None:
 
 
 @pytest.mark.parametrize(("msg", "message"), [
-    (R(EXAMPLES[Partial], group="5"), "cannot encode Partial: field 'group' must be int, got str"),
+    (R(EXAMPLES[Partial], chunk="5"), "cannot encode Partial: field 'chunk' must be int, got str"),
     (R(EXAMPLES[Partial], step=np.int64(7)), "field 'step' must be int, got numpy.int64"),
     (R(EXAMPLES[Partial], step=-1), "field 'step' must be in [0, 4294967295], got -1"),
     (R(EXAMPLES[Partial], data=np.zeros((2, 2), np.float32)), "1-D array, got shape (2, 2)"),
-    (R(EXAMPLES[Partial], data=np.zeros(2)), "dtype float16 or float32, got float64"),
+    (R(EXAMPLES[Partial], data=np.zeros(2)), "dtype float16 or float32 or uint8 or uint16 or uint32, got float64"),
+    (R(EXAMPLES[Partial], norms=np.zeros(2, np.float32)), "field 'norms' must have dtype float16, got float32"),
     (R(EXAMPLES[Partial], data=[0.5]), "must be a numpy array, got list"),
-    (R(EXAMPLES[Resend], groups=[1, 2]), "field 'groups' must be tuple, got list"),
-    (R(EXAMPLES[Resend], groups=()), "Resend: groups must not be empty"),
+    (R(EXAMPLES[Resend], chunks=[1, 2]), "field 'chunks' must be tuple, got list"),
+    (R(EXAMPLES[LayerInput], segments=(3,), groups=(1, 1, 2)), "must be non-empty and distinct"),
     (R(EXAMPLES[PlanReady], load_s=1), "field 'load_s' must be float, got int"),
     (R(EXAMPLES[PlanReady], weight_bytes=2**64), "'weight_bytes' must be in [0, 18446744073709551615]"),
     (R(EXAMPLES[Plan], plan={"a": (1, 2)}), "JSON-like values"),
     (R(EXAMPLES[Plan], plan={1: 2}), "field 'plan' must have str keys, got int"),
-    (R(EXAMPLES[Plan], mode="fast"), "field 'mode' must be one of 'strict', 'halo', got 'fast'"),
+    (R(EXAMPLES[Plan], mode="fast"), "field 'mode' must be one of 'strict', 'strict-unreliable', 'halo', got 'fast'"),
     (R(EXAMPLES[Plan], model_sha256="x"), "model_sha256 must be 64 lowercase hex digits"),
     (R(EXAMPLES[Heartbeat], sent_s=math.inf), "must be finite, got inf"),
-    (R(EXAMPLES[LayerInput], chunk=2), "parity chunk 2 must be uint16 or uint32"),
-    (R(EXAMPLES[Reset], version=2), "cannot encode Reset of version 2"),
+    (R(EXAMPLES[LayerInput], chunk=2), "parity chunk 2 must be uint8, uint16 or uint32"),
+    (R(EXAMPLES[Reset], version=1), "cannot encode Reset of version 1"),
     (object(), "cannot encode object: not a registered message kind"),
 ], ids=str)
 def test_encode_refuses_invalid_messages(msg: Any, message: str) -> None:
@@ -461,8 +493,8 @@ def test_encode_refuses_invalid_messages(msg: Any, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_wire_version_is_one() -> None:
-    assert WIRE_VERSION == 1 and all(m.version == 1 for m in EXAMPLES.values())
+def test_wire_version_is_two() -> None:
+    assert WIRE_VERSION == 2 and all(m.version == 2 for m in EXAMPLES.values())
 
 
 def _write_golden() -> None:  # pragma: no cover - run by hand

@@ -7,17 +7,19 @@ import pytest
 
 from halo_p2p.errors import WireError
 from halo_p2p.wire import (
+    ChunkedVector,
     LayerInput,
-    chunk_ranges,
     decode,
     delivery_probability,
     encode,
     encode_parity,
-    max_payload_elems,
+    encode_vector,
     min_parity,
     parity_dtype,
+    payload_budget,
     recover,
     split_ranges,
+    wire_format,
 )
 
 
@@ -137,29 +139,33 @@ def test_monte_carlo_through_recover() -> None:
     assert abs(hits / trials - expected) <= 4 * np.sqrt(expected * (1 - expected) / trials)
 
 
-def test_layer_input_end_to_end_over_a_lossy_channel() -> None:
+@pytest.mark.parametrize("fmt", ["float16", "q8_0"])
+def test_layer_input_end_to_end_over_a_lossy_channel(fmt: str) -> None:
     """Flatten, chunk to the packet budget, add parity, encode, lose packets, decode, recover."""
     rng = np.random.default_rng(17)
-    n_tokens, dim, p = 3, 576, 2
-    x = rng.standard_normal((n_tokens, dim)).astype(np.float16)
-    flat = x.reshape(-1)  # (n_tokens * dim,)
-    ranges = chunk_ranges(flat.size, max_payload_elems(np.float16))
-    n_data = len(ranges)
-    data = [flat[a:b] for a, b in ranges]
-    frames = [encode(LayerInput(session=9, step=4, layer=2, part=0, start_pos=10, n_tokens=n_tokens,
-                                chunk=k, n_data=n_data, n_parity=p, offset=ranges[k][0] if k < n_data else 0,
-                                data=arr))
-              for k, arr in enumerate([*data, *encode_parity(data, p)])]
-    assert all(len(f) <= 1160 for f in frames) and n_data == 4
-    for lost in ({1}, {0, 5}, {2, 5}, {4, 5}):
-        received = {}
-        for k, f in enumerate(frames):
+    n_tokens, dim = 6, 576
+    x = rng.standard_normal((n_tokens, dim)).astype(np.float32)
+    f = wire_format(fmt)
+    template = LayerInput(session=9, step=4, layer=2, part=0, start_pos=10, n_tokens=n_tokens, groups=(1, 2),
+                          segments=(2,), chunk=0, n_data=1, n_parity=0, offset=0, data=np.zeros(0, f.dtype))
+    vec = encode_vector(f, x.reshape(-1), payload_budget(template), parity=True)
+    frames = [encode(LayerInput(session=9, step=4, layer=2, part=0, start_pos=10, n_tokens=n_tokens, groups=(1, 2),
+                                segments=(2,), chunk=k, n_data=vec.n_data, n_parity=vec.n_parity,
+                                offset=vec.offset(k), data=p)) for k, p in enumerate(vec.payloads)]
+    assert all(len(fr) <= 1160 for fr in frames) and (vec.n_data, vec.n_parity) == {"float16": (7, 2),
+                                                                                       "q8_0": (4, 1)}[fmt]
+    sent = f.unpack(np.concatenate(vec.payloads[:vec.n_data]), x.size)   # what the sender's format keeps
+    for lost in ({1}, {0}, {vec.n_data}, {vec.n_data + vec.n_parity - 1}):
+        got = ChunkedVector(f, x.size, vec.n_data, vec.n_parity)
+        for k, fr in enumerate(frames):
             if k not in lost:
-                msg = decode(f)
-                received[msg.chunk] = msg.data
-        lengths = [b - a for a, b in split_ranges(n_tokens * dim, n_data)]
-        got = recover(received, n_data, p, lengths, np.float16)
-        assert got is not None
-        np.testing.assert_array_equal(np.concatenate(got).reshape(n_tokens, dim), x)
-    assert recover({k: decode(f).data for k, f in enumerate(frames) if k not in (0, 2)}, n_data, p,
-                   [b - a for a, b in ranges], np.float16) is None  # chunks 0 and 2 share parity 0
+                msg = decode(fr)
+                got.add(msg.chunk, msg.offset, msg.data)
+        assert got.complete
+        np.testing.assert_array_equal(got.values(), sent)
+    both = ChunkedVector(f, x.size, vec.n_data, vec.n_parity)     # chunks 0 and n_parity share a parity stripe
+    for k, fr in enumerate(frames):
+        if k not in (0, vec.n_parity if vec.n_parity > 1 else 1):
+            msg = decode(fr)
+            both.add(msg.chunk, msg.offset, msg.data)
+    assert not both.complete and both.missing_chunks()[0] == 0 and both.touches(0, 10) is False

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import resource
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from halo_p2p.model.chat import Message, require_template
 from halo_p2p.model.loader import LoadedModel, open_model
 from halo_p2p.model.pull import pull
 from halo_p2p.model.registry import KNOWN_MODELS, list_models
+from halo_p2p.model.threads import LOCAL_THREADS, SWARM_THREADS, set_compute_threads
 from halo_p2p.net.link import LinkConditions
 from halo_p2p.node.emulate import EmulatedSwarm, PeerProfile, start_emulated_swarm
 from halo_p2p.sampling import SamplingParams
@@ -103,11 +105,13 @@ async def make_engine(args: argparse.Namespace, model: LoadedModel) -> Engine:
         engine = await swarm_engine(args, model)
         if engine is not None:
             return engine
+    set_compute_threads(LOCAL_THREADS)              # the whole model here: large products pay for threads
     return await asyncio.to_thread(LocalEngine, model.source, max_seq_len=args.ctx, dtype=args.dtype)
 
 
 async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> EmulatedSwarm:
     n = args.emulate_peers
+    set_compute_threads(SWARM_THREADS)              # N emulated peers, each a compute thread on its own share
     if n < 1:
         raise ConfigError(f"--emulate-peers {n}", "use 1 or more peers")
     if not 0 <= args.plr < 1:
@@ -153,12 +157,17 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
     emulated = isinstance(engine, EmulatedSwarm)
     replanner = getattr(engine, "engine", None)        # the ReplanningEngine of a swarm
     return {"split": {
-        "peers": len(coordinator.plan.peers), "sync": args.sync, "emulated": emulated,
+        "peers": len(coordinator.plan.peers), "sync": args.sync,
+        "n_layers": coordinator.plan.layout.n_layers, "wire_dtype": coordinator.options.wire_dtype,
+        "emulated": emulated,
         "plr": args.plr if emulated else None, "delay_ms": args.delay_ms if emulated else None,
         "peer_ids": list(coordinator.plan.peers),
         "weight_bytes": engine.weight_bytes() if emulated else None, "counters": dict(coordinator.counters),
         "link_bytes": {peer: {"sent": link.stats.reliable.bytes_sent + link.stats.unreliable.bytes_sent,
                               "received": link.stats.reliable.bytes_delivered + link.stats.unreliable.bytes_delivered,
+                              "frames_sent": link.stats.reliable.messages_sent + link.stats.unreliable.messages_sent,
+                              "frames_received": (link.stats.reliable.messages_delivered
+                                                  + link.stats.unreliable.messages_delivered),
                               "rtt_ms": link.stats.rtt_ms, "measured_plr": link.stats.measured_plr}
                        for peer, link in coordinator.links.items()},
         "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
@@ -168,6 +177,12 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
         "moved_groups": getattr(replanner, "moved_groups", 0),
         "per_token": records,
     }}
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def chat_prompt(model: LoadedModel, messages: list[Message]) -> str:
@@ -201,7 +216,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
             "prompt_tokens": s.prompt_tokens, "generated_tokens": len(s.token_ids),
             "stop_reason": s.stop_reason, "prefill_ms": 1000 * s.prefill_s,
             "tpot_ms": s.tpot_ms, "tpot_p95_ms": s.tpot_p95_ms, "tokens_per_s": s.tokens_per_s,
-            **report,
+            "cpu_s": _cpu_s(), "decode_cpu_s": s.decode_cpu_s, **report,
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from halo_p2p import __version__
 from halo_p2p.errors import HaloError
+from halo_p2p.wire.messages import SYNC_MODES, WIRE_DTYPES
 
 __all__ = ["main"]
 
@@ -38,8 +39,10 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("split model, emulated in this process over in-memory lossy links")
     g.add_argument("--emulate-peers", type=int, default=0, metavar="N",
                    help="run the model split over N emulated peers (the coordinator and N-1 workers)")
-    g.add_argument("--sync", choices=("strict", "halo"), default="halo",
-                   help="strict: wait for every partial; halo: skip late non-critical groups (default)")
+    g.add_argument("--sync", choices=SYNC_MODES, default="halo",
+                   help="strict: wait for every partial (reliable channel); strict-unreliable: wait for every "
+                        "partial over the unreliable channel with FEC and resends; halo: skip late non-critical "
+                        "groups (default)")
     g.add_argument("--plr", type=float, default=0.0, help="packet-loss rate of the lossy workers' links")
     g.add_argument("--lossy-peers", type=int, default=None, metavar="K",
                    help="how many workers (the last K) get --plr (default: all)")
@@ -48,8 +51,8 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rto-ms", type=float, default=200.0,
                    help="retransmission timeout of the reliable channel used by strict (ms, default 200)")
     g.add_argument("--shares", default=None, help="relative group shares per peer, e.g. 1,2,1 (default equal)")
-    g.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16",
-                   help="activation dtype on the wire (default float16)")
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="q8_0",
+                   help="activation format on the wire: q8_0 (8-bit blocks, default), float16, float32 (lossless)")
     g.add_argument("--critical-fraction", type=float, default=0.5,
                    help="share of MLP groups the coordinator always waits for in halo mode (default 0.5)")
     g.add_argument("--mlp-group-size", type=int, default=None, help="neurons per MLP group")

@@ -20,6 +20,7 @@ Su et al. 2021 (RoPE); karpathy/llama2.c ``run.c`` ``forward``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ from halo_p2p.errors import ConfigError
 from halo_p2p.model.source import TensorSource
 
 __all__ = [
-    "AttentionShard", "KVCache", "Llama", "MlpShard", "RopeTables", "linear", "rms_norm", "weight_dtype",
+    "AttentionShard", "KVCache", "Llama", "MlpShard", "RopeTables", "linear", "rms_norm", "row_sums", "weight_dtype",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,10 @@ class AttentionShard:
         wo = self.wo.float().view(self.wo.shape[0], self.n_groups, -1)          # (dim, G, r*hd)
         return torch.einsum("tgk,dgk->gtd", per_group, wo)
 
+    def sums(self, heads: Tensor, rows: list[list[int]], *, norms: bool) -> tuple[Tensor, Tensor | None]:
+        """Row sums of the groups' partials; see :func:`row_sums`."""
+        return row_sums(heads, self.n_groups, rows, self.output, self.partials, norms=norms)
+
 
 class MlpShard:
     """The SwiGLU MLP of a set of equal-width intermediate-neuron blocks (all = the whole MLP).
@@ -196,6 +201,41 @@ class MlpShard:
         per_group = hidden.view(t, -1, self.group_size)                         # (T, G, gs)
         w2 = self.w2.float().view(self.w2.shape[0], -1, self.group_size)        # (dim, G, gs)
         return torch.einsum("tgk,dgk->gtd", per_group, w2)
+
+    def sums(self, hidden: Tensor, rows: list[list[int]], *, norms: bool) -> tuple[Tensor, Tensor | None]:
+        """Row sums of the neuron blocks' partials; see :func:`row_sums`."""
+        return row_sums(hidden, self.n_neurons // self.group_size, rows, self.output, self.partials, norms=norms)
+
+
+def row_sums(act: Tensor, n_groups: int, rows: list[list[int]], output: Callable[[Tensor], Tensor],
+             partials: Callable[[Tensor], Tensor], *, norms: bool) -> tuple[Tensor, Tensor | None]:
+    """Sums of group partials, row by row, without forming the partials when it need not.
+
+    Args:
+        act: ``(T, n_groups * w)`` group-major activations before the output projection
+            (attention heads, or the SwiGLU hidden units).
+        n_groups: groups in ``act``.
+        rows: positions (``0 <= i < n_groups``, the shard's order) of the groups each row sums.
+        output: the shard's output projection (``act -> (T, dim)``: the sum over all groups).
+        partials: the shard's per-group partials (``act -> (n_groups, T, dim)``).
+        norms: also return each listed group's partial L2 norm.
+
+    Returns:
+        float32 ``(len(rows), T, dim)`` and, with ``norms``, float32 norms of the groups in row
+        order (else None). One row and no norms is one matrix product (other groups' units
+        zeroed), the cost of the dense layer; otherwise the per-group partials are formed.
+    """
+    if norms or len(rows) != 1:
+        p = partials(act)
+        out = torch.stack([p[r].sum(dim=0) for r in rows])
+        flat = [g for r in rows for g in r]
+        return out, (p[flat].flatten(1).norm(dim=1) if norms else None)
+    (row,) = rows
+    if len(row) < n_groups:                                     # leave the other groups out
+        mask = torch.zeros(n_groups, dtype=act.dtype)
+        mask[row] = 1
+        act = (act.view(act.shape[0], n_groups, -1) * mask[:, None]).view(act.shape[0], -1)
+    return output(act)[None], None
 
 
 @dataclass(slots=True)

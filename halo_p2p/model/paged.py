@@ -34,11 +34,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -47,12 +47,14 @@ from halo_p2p.errors import ConfigError
 from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
 from halo_p2p.model.block_cache import BlockCache, flat_block, source_key
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables
-from halo_p2p.model.shard import GroupWeights
+from halo_p2p.model.shard import GroupWeights, answer_rows
 from halo_p2p.model.source import TensorSource
 
 __all__ = ["PagedShard"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Key = tuple[int, int]          # (layer, part)
 Policy = Literal["furthest", "lru"]
@@ -129,6 +131,7 @@ class PagedShard:
         self._inflight: dict[Key, Future[None]] = {}
         self._reserved = 0                                  # bytes of blocks being loaded
         self._pinned: Key | None = None
+        self._attention: AttentionShard | None = None      # the block being computed, for _attention_input
         self._clock = 0
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="paged-loader")
         self.reset_stats()
@@ -162,27 +165,51 @@ class PagedShard:
         Raises:
             ModelFormatError: loading the block failed (from the weights source).
         """
+        if (layer, part) not in self.index:
+            return np.zeros((0, len(x), self.layout.dim), dtype=np.float32)
+
+        def compute(shard: AttentionShard | MlpShard) -> np.ndarray:
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            act = self._attention_input(layer, xt, start_pos) if part == ATTN else shard.hidden(xt)  # type: ignore[union-attr]
+            return shard.partials(act).numpy()
+
+        return self._with_block(layer, part, compute)
+
+    @torch.inference_mode()
+    def answer(self, layer: int, part: int, x: np.ndarray, start_pos: int, rows: list[list[int]], *,
+               norms: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Row sums of the held groups' partials, loading their weights if needed; see
+        :meth:`~halo_p2p.model.shard.GroupShard.answer`.
+
+        Raises:
+            KeyError: a group not held here.
+            ModelFormatError: loading the block failed (from the weights source).
+        """
+        if (layer, part) not in self.index:
+            raise KeyError(f"no groups held at layer {layer} part {part}")
+        return self._with_block(layer, part, lambda shard: answer_rows(self, shard, layer, part, x, start_pos, rows,
+                                                                       norms))
+
+    def _attention_input(self, layer: int, xt: torch.Tensor, start_pos: int) -> torch.Tensor:
+        cache, shard = self.caches[layer], self._attention
+        if self.written[layer] < start_pos:                         # a gap: inputs never arrived
+            cache.invalidate(self.written[layer], start_pos)
+        self.written[layer] = start_pos + xt.shape[0]
+        assert shard is not None
+        return shard.heads(xt, start_pos, cache, self.rope)
+
+    def _with_block(self, layer: int, part: int, fn: Callable[[Any], T]) -> T:
+        """``fn(shard)`` on the block of (layer, part), loaded (waited for) and pinned meanwhile."""
         key = (layer, part)
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        t = xt.shape[0]
-        if key not in self.index:
-            return np.zeros((0, t, self.layout.dim), dtype=np.float32)
         t0 = time.perf_counter()
         shard = self._acquire(key)
         t1 = time.perf_counter()
         try:
             self._prefetch(key)
-            if part == ATTN:
-                assert isinstance(shard, AttentionShard)
-                cache = self.caches[layer]
-                if self.written[layer] < start_pos:                 # a gap: inputs never arrived
-                    cache.invalidate(self.written[layer], start_pos)
-                self.written[layer] = start_pos + t
-                out = shard.partials(shard.heads(xt, start_pos, cache, self.rope)).numpy()
-            else:
-                assert isinstance(shard, MlpShard)
-                out = shard.partials(shard.hidden(xt)).numpy()
+            self._attention = shard if part == ATTN else None
+            out = fn(shard)
         finally:
+            self._attention = None
             with self._lock:
                 self._pinned = None
         t2 = time.perf_counter()

@@ -21,6 +21,7 @@ from halo_p2p.discovery import Discovery, PeerInfo
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.probe import measure_gflops
 from halo_p2p.errors import ConfigError
+from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
 from halo_p2p.net.link import Link
 from halo_p2p.net.signaling import SignalingServer
 from halo_p2p.net.webrtc import pin_host_addresses
@@ -116,6 +117,7 @@ class PeerNode:
 
     def __init__(self, config: NodeConfig, library: ModelLibrary, discovery: Discovery) -> None:
         self.config, self.library, self.discovery = config, library, discovery
+        set_compute_threads(SWARM_THREADS)      # a share of each layer: extra threads only spin
         self.compute = ComputeThread(f"halo-{config.peer_id}", slowdown=config.slowdown)
         self.signaling = SignalingServer(config.peer_id, config.name, config.swarm_key, host=config.address,
                                          port=config.port, on_link=self._on_link,

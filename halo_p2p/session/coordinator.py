@@ -1,16 +1,21 @@
 """The coordinator of a split model: an :class:`~halo_p2p.engine.protocol.Engine` over peers.
 
 Per forward pass and per sync point (layer, part) — see :mod:`halo_p2p.groups` — it sends the
-normalized input to every worker holding groups there (chunked, with XOR parity in ``halo``
-mode), computes its own groups meanwhile, collects the workers' per-group partials and sums
-what arrived into the residual stream:
+normalized input to every worker holding groups there, in the session's wire format (Q8_0
+blocks by default; XOR parity on links that measured loss), naming the rows the worker must
+answer with (:func:`~halo_p2p.session.sync.answer_layout`: normally one sum of all its
+groups), computes its own groups meanwhile, collects the answers and sums what arrived into the
+residual stream (a gather-and-sum all-reduce at the coordinator):
 
-* ``strict``: inputs and partials travel on the reliable channel and it waits for every partial
-  (classic tensor parallelism with an all-reduce per sync point; a lost packet costs an RTO).
-* ``halo``: they travel on the unreliable channel; it waits for the critical groups (asking
-  their owner to resend after the owner's deadline) and for the others only until each owner's
-  deadline, derived from its measured response times (:class:`~halo_p2p.session.sync.ResponseTimer`);
-  missing partials count as zero. Prompts (more than one token) treat every group as critical.
+* ``strict``: inputs and answers travel on the reliable channel and it waits for every answer
+  (classic tensor parallelism; a lost packet costs an SCTP retransmission, RTO >= 1 s).
+* ``strict-unreliable``: decode steps travel on the unreliable channel with FEC and the
+  deadlines and Resends of ``halo``, but every group is critical: the best strict synchronization
+  can do on this transport, the baseline that isolates what skipping groups buys.
+* ``halo``: as ``strict-unreliable``, but only the critical groups must arrive: an answer holding
+  none is waited for only until its owner's deadline, derived from measured response times
+  (:class:`~halo_p2p.session.sync.ResponseTimer`); what is missing counts as zero. Prompts (more
+  than one token) treat every group as critical and travel the reliable channel.
 
 Reference: HALO (Zheng et al., INFOCOM 2026, arXiv 2601.11676), relaxed synchronization.
 """
@@ -20,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,24 +32,40 @@ from typing import Any
 
 import numpy as np
 
-from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.engine.compute import HANDOFF_S, ComputeThread
 from halo_p2p.engine.protocol import GroupCompute, GroupWeights, TrunkCompute
-from halo_p2p.errors import LinkClosed, PeerLost, TransportError, WireError
+from halo_p2p.errors import ConfigError, LinkClosed, PeerLost, TransportError, WireError
 from halo_p2p.groups import MLP, PARTS, GroupId
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy
-from halo_p2p.session.sync import ResponseTimer, StepRecord, SyncPoint, measured_lossy, step_channel
-from halo_p2p.wire import codec, fec
-from halo_p2p.wire.chunks import split_ranges
+from halo_p2p.session.frames import send_paced
+from halo_p2p.session.sync import (
+    Answer,
+    ResponseTimer,
+    StepRecord,
+    SyncPoint,
+    answer_layout,
+    measured_lossy,
+    sends_norms,
+    step_channel,
+)
+from halo_p2p.wire import codec
+from halo_p2p.wire.framing import (
+    RELIABLE_CHUNK_BYTES,
+    answer_chunks,
+    answer_template,
+    encode_frames,
+    input_template,
+)
 from halo_p2p.wire.messages import (
+    SYNC_MODES,
+    WIRE_DTYPES,
     ErrorReply,
     GroupTensor,
-    LayerInput,
     NeedInput,
     Partial,
-    PartialParity,
     Plan,
     PlanReady,
     Resend,
@@ -53,17 +73,19 @@ from halo_p2p.wire.messages import (
     WeightsDone,
     WeightsWanted,
 )
+from halo_p2p.wire.quant import wire_format
+from halo_p2p.wire.vector import EncodedVector
 
-__all__ = ["RELIABLE_CHUNK_BYTES", "Coordinator", "SessionOptions"]
+__all__ = ["Coordinator", "SessionOptions"]
 
 log = logging.getLogger(__name__)
 
 _RECENT_SYNC_POINTS = 8
 _SILENCE_GAP_S = 0.02  # a burst of chunks silent this long has lost its rest
 UNSTABLE_PLR = 0.01     # a link measured lossier than this makes its peer "unstable" (dynamic placement)
-RELIABLE_CHUNK_BYTES = 64 * 1024
-"""Payload of one activation message on the reliable channel (it has no per-packet loss, and
-WebRTC messages may be up to 256 KiB); the unreliable channel keeps one SCTP packet per frame."""
+def _settle(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,9 +93,12 @@ class SessionOptions:
     """Settings of one split-model session.
 
     Attributes:
-        mode: ``"strict"`` or ``"halo"``.
-        wire_dtype: activation dtype on the wire (``"float16"`` or ``"float32"``).
-        n_parity: XOR parity chunks per layer input in ``halo`` mode (0 = none).
+        mode: ``"strict"``, ``"strict-unreliable"`` or ``"halo"`` (see the module docstring).
+        wire_dtype: activation format on the wire: ``"q8_0"`` (default: 8-bit blocks, 1.06 bytes
+            per value), ``"float16"`` or ``"float32"`` (lossless).
+        fec: XOR parity on the unreliable channel for links whose heartbeats measured loss.
+        split_critical: in ``halo`` decode steps, ask a worker holding critical and other groups
+            for two sums instead of one (:func:`~halo_p2p.session.sync.answer_layout`).
         max_seq_len: KV-cache length of every peer (tokens).
         initial_deadline_s: per-peer deadline before response times are measured.
         deadline_k: deviations of slack in the deadline (RFC 6298's 4).
@@ -84,8 +109,9 @@ class SessionOptions:
     """
 
     mode: str = "halo"
-    wire_dtype: str = "float16"
-    n_parity: int = 1
+    wire_dtype: str = "q8_0"
+    fec: bool = True
+    split_critical: bool = False
     max_seq_len: int = 2048
     initial_deadline_s: float = 0.5
     deadline_k: float = 4.0
@@ -95,10 +121,10 @@ class SessionOptions:
     setup_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("strict", "halo"):
-            raise ValueError(f"sync mode {self.mode!r} is not strict or halo")
-        if self.wire_dtype not in ("float16", "float32"):
-            raise ValueError(f"wire dtype {self.wire_dtype!r} is not float16 or float32")
+        if self.mode not in SYNC_MODES:
+            raise ConfigError(f"sync mode {self.mode!r} is unknown", f"use one of {', '.join(SYNC_MODES)}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire dtype {self.wire_dtype!r} is unknown", f"use one of {', '.join(WIRE_DTYPES)}")
 
 
 class Coordinator:
@@ -140,14 +166,16 @@ class Coordinator:
         missing = set(plan.workers()) - set(self.links)
         if missing:
             raise TransportError(f"no link to plan worker(s) {sorted(missing)}", "connect every worker first")
-        self._n_parity = options.n_parity if options.mode == "halo" else 0
+        self.fmt = wire_format(options.wire_dtype)
         first = dict(initial_deadlines or {})
         self._timers = {(p, part): ResponseTimer(initial_s=first.get(p, options.initial_deadline_s),
                                                  k=options.deadline_k, floor_s=options.deadline_floor_s)
                         for p in self.links for part in PARTS}
+        self._owners = {(layer, part): {g: p for g, p in plan.owners_at(layer, part).items() if p != plan.coordinator}
+                        for layer in range(layout.n_layers) for part in PARTS}   # remote groups per sync point
         self._recent: OrderedDict[tuple[int, int, int], SyncPoint] = OrderedDict()
         self._inputs: dict[tuple[str, int, int, int], tuple[Channel, list[bytes]]] = {}
-        self._changed = asyncio.Event()
+        self._changed: asyncio.Future[bool] | None = None    # settled by an arrival while _wait sleeps
         self._ready: dict[str, asyncio.Future[PlanReady]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.step = 0
@@ -174,7 +202,7 @@ class Coordinator:
         for peer, link in self.links.items():
             self._tasks.append(asyncio.create_task(self._receive(peer, link), name=f"recv-{peer}"))
         body = {"placement": self.plan.to_dict(), "max_seq_len": self.options.max_seq_len,
-                "n_parity": self._n_parity, "config": dataclasses.asdict(self.trunk.config)}
+                "config": dataclasses.asdict(self.trunk.config)}
         msg = Plan(session=self.session, model_sha256=self.model_sha256, plan=body,
                    wire_dtype=self.options.wire_dtype, mode=self.options.mode)  # type: ignore[arg-type]
         for peer in self.plan.workers():
@@ -221,7 +249,10 @@ class Coordinator:
         x = await self.compute.run(self.trunk.embed, ids)
         for layer in range(self.plan.layout.n_layers):
             for part in PARTS:
-                xn = await self.compute.run(self.trunk.normed, layer, part, x)
+                # a decode step's RMSNorm (dim values, numpy, ~5 µs) runs here: a hand-off to the compute
+                # thread (a wakeup and a GIL switch, ~0.7 ms of wall time on 2 shared cores) costs more
+                xn = (self.trunk.normed_row(layer, part, x) if len(ids) == 1
+                      else await self.compute.run(self.trunk.normed, layer, part, x))
                 remote = await self._sync(layer, part, xn, start_pos)
                 x += remote
                 record.syncs.append(self._recent[(self.step, layer, part)].record)
@@ -231,99 +262,106 @@ class Coordinator:
     async def _sync(self, layer: int, part: int, xn: np.ndarray, start_pos: int) -> np.ndarray:
         loop = asyncio.get_running_loop()
         n_tokens, dim = xn.shape
-        owners = {g: p for g, p in self.plan.owners_at(layer, part).items() if p != self.plan.coordinator}
-        if n_tokens > 1 or self.options.mode == "strict":
-            critical = frozenset(owners)
-        else:
-            critical = self.criticality.critical(layer, part, xn)
+        mode = self.options.mode
+        owners = dict(self._owners[layer, part])
+        decode_halo = mode == "halo" and n_tokens == 1
+        norms = sends_norms(mode, n_tokens, self.step)
+        critical = self.criticality.critical(layer, part, xn) if decode_halo else frozenset(owners)
         moved: list[int] = []
-        if self.takeover is not None and part == MLP and n_tokens == 1 and self.options.mode == "halo":
+        if self.takeover is not None and part == MLP and decode_halo:
             moved = sorted(g for g in critical if owners.get(g) in self.unstable)
             for g in moved:
                 del owners[g]                      # computed here this token, not waited for
-        sp = SyncPoint(self.step, layer, part, n_tokens=n_tokens, dim=dim, owners=owners, critical=critical,
-                       dtype=self.options.wire_dtype, sent_at_s=loop.time())
+        channel = step_channel(mode, n_tokens)
+        by_peer: dict[str, list[int]] = {}
+        for g, p in owners.items():
+            by_peer.setdefault(p, []).append(g)
+        answers = {p: answer_layout(gs, critical, split=decode_halo and self.options.split_critical
+                                    and channel == Channel.UNRELIABLE and self._lossy(p))
+                   for p, gs in by_peer.items()}
+        chunks = {p: answer_chunks(answer_template(self.session, self.step, layer, part, n_groups=len(a.groups),
+                                                   norms=norms, fmt=self.fmt),
+                                   len(a.segments) * n_tokens * dim, self.fmt, reliable=channel == Channel.RELIABLE)
+                  for p, a in answers.items()}
+        sp = SyncPoint(self.step, layer, part, n_tokens=n_tokens, dim=dim, answers=answers, chunks=chunks,
+                       critical=critical, fmt=self.fmt, sent_at_s=loop.time())
         sp.record.taken_over = len(moved)
         sp.moved = frozenset(moved)               # their workers' partials are superseded, not malformed
         self._remember(sp)
-        wire = xn.astype(self.options.wire_dtype).reshape(-1)
-        for peer in sorted(set(owners.values())):
-            await self._send_input(peer, sp, wire, start_pos, n_tokens)
+        flat, encoded = xn.reshape(-1), {}
+        for peer in sorted(answers):
+            await self._send_input(peer, sp, answers[peer], flat, start_pos, channel, encoded)
         local = None
-        if self.local is not None and self.local.groups_at(layer, part):
-            local = asyncio.ensure_future(self.compute.run(self.local.partials, layer, part, xn, start_pos))
+        held = self.local.groups_at(layer, part) if self.local is not None else []
+        if held:
+            local = asyncio.ensure_future(self.compute.run(  # a decode step's share: inline once measured short
+                self.local.answer, layer, part, xn, start_pos, [held], norms=norms,  # type: ignore[union-attr]
+                inline_below_s=HANDOFF_S if n_tokens == 1 else None, kind=f"answer/{n_tokens == 1}"))
         extra = asyncio.ensure_future(self.compute.run(self.takeover.partials, layer, moved, xn)) if moved else None
         try:
-            await self._wait(sp)
+            await self._wait(sp, channel)
         finally:
             remote = sp.close(loop.time())
-        own = await local if local is not None else None
-        if own is not None:
-            remote += own.sum(axis=0)
+        own_norms = None
+        if local is not None:
+            own, own_norms = await local
+            remote += own[0]
         ext = await extra if extra is not None else None
         if ext is not None:
             remote += ext.sum(axis=0)
-        if self.options.mode == "halo" and n_tokens == 1 and 0 < len(critical) < self.plan.layout.n_groups(part):
-            sp.record.recall = self._recall(sp, critical, own, ext, moved)
+        if norms and 0 < len(critical) < self.plan.layout.n_groups(part):
+            sp.record.recall = self._recall(sp, critical, dict(zip(held, own_norms, strict=True))
+                                            if own_norms is not None else {}, ext, moved)
         for key in [k for k in self._inputs if k[1:] < sp.key]:
             del self._inputs[key]
         return remote
 
-    def _recall(self, sp: SyncPoint, critical: frozenset[int], own: np.ndarray | None, ext: np.ndarray | None,
+    def _lossy(self, peer: str) -> bool:
+        return self.options.fec and measured_lossy(self.links[peer])
+
+    def _recall(self, sp: SyncPoint, critical: frozenset[int], own: dict[int, float], ext: np.ndarray | None,
                 moved: list[int]) -> float | None:
         """Share of the truly top-k groups (by partial norm, k = the critical count) that the
-        criticality policy marked critical: the predictor's live recall. None unless every
-        group's partial is known (nothing skipped)."""
+        criticality policy marked critical: the predictor's live recall, measured on the steps
+        whose answers carry norms (:func:`~halo_p2p.session.sync.sends_norms`). None unless every
+        group's norm is known."""
         norms = np.full(self.plan.layout.n_groups(sp.part), np.nan)
-        if own is not None and self.local is not None:
-            norms[self.local.groups_at(sp.layer, sp.part)] = np.linalg.norm(own.reshape(len(own), -1), axis=1)
+        for g, n in own.items():
+            norms[g] = n
         if ext is not None:
             norms[moved] = np.linalg.norm(ext.reshape(len(ext), -1), axis=1)
-        for g, r in sp.parts.items():
-            if r.complete:
-                norms[g] = np.linalg.norm(r.array.astype(np.float32))
+        for g, n in sp.norms().items():
+            norms[g] = n
         if np.isnan(norms).any():
             return None
         k = len(critical)
         return len(critical & set(np.argsort(norms)[-k:].tolist())) / k
 
-    async def _send_input(self, peer: str, sp: SyncPoint, wire: np.ndarray, start_pos: int, n_tokens: int) -> None:
-        channel = self._channel_for(n_tokens)
-        max_elems = (codec.max_payload_elems(wire.dtype, message_type=LayerInput) if channel == Channel.UNRELIABLE
-                     else RELIABLE_CHUNK_BYTES // wire.dtype.itemsize)
-        n_data = max(1, math.ceil(wire.size / max_elems))
-        chunks = [wire[a:b] for a, b in split_ranges(wire.size, n_data)]
-        # one parity chunk per 4 data chunks at least: a wide model's input spans several chunks
-        lossy = channel == Channel.UNRELIABLE and measured_lossy(self.links[peer])   # downlink FEC
-        n_parity = min(n_data, max(self._n_parity, math.ceil(n_data / 4))) if lossy else 0
-        offsets = [a for a, _ in split_ranges(wire.size, n_data)]
-        frames = []
-        for k, data in enumerate([*chunks, *fec.encode_parity(chunks, n_parity)]):
-            frames.append(codec.encode(LayerInput(
-                session=self.session, step=sp.step, layer=sp.layer, part=sp.part, start_pos=start_pos,  # type: ignore[arg-type]
-                n_tokens=n_tokens, chunk=k, n_data=n_data, n_parity=n_parity,
-                offset=offsets[k] if k < n_data else 0, data=data)))
+    async def _send_input(self, peer: str, sp: SyncPoint, answer: Answer, flat: np.ndarray, start_pos: int,
+                          channel: Channel, encoded: dict[tuple[int, bool], EncodedVector]) -> None:
+        template = input_template(self.session, sp.step, sp.layer, sp.part, start_pos=start_pos, n_tokens=sp.n_tokens,
+                                  groups=answer.groups, segments=answer.segments, fmt=self.fmt)
+        lossy = channel == Channel.UNRELIABLE and self._lossy(peer)          # downlink FEC
+        _, frames = encode_frames(template, flat, self.fmt, reliable=channel == Channel.RELIABLE, parity=lossy,
+                                  cache=encoded)
         self._inputs[(peer, *sp.key)] = (channel, frames)
         await self._send_all(peer, channel, frames)
 
     async def _send_all(self, peer: str, channel: Channel, frames: list[bytes]) -> None:
-        """Send frames, pausing every 16 unreliable ones until the link's backlog drains."""
-        for i, frame in enumerate(frames):
-            if channel == Channel.UNRELIABLE and i and i % 16 == 0 and peer not in self.dead:
-                try:
-                    await self.links[peer].drain()
-                except TransportError:
-                    log.debug("backlog to %s did not drain", peer)
-            await self._send(peer, channel, frame)
+        """Send frames paced (:func:`~halo_p2p.session.frames.send_paced`); a closed link marks the peer dead."""
+        if peer in self.dead:
+            return
+        try:
+            await send_paced(self.links[peer], channel, frames)
+        except LinkClosed:
+            self._mark_dead(peer)
 
-    def _channel_for(self, n_tokens: int) -> Channel:
-        return step_channel(self.options.mode, n_tokens)
-
-    async def _wait(self, sp: SyncPoint) -> None:
+    async def _wait(self, sp: SyncPoint, channel: Channel) -> None:
         loop = asyncio.get_running_loop()
-        deadlines = {p: sp.sent_at_s + self._timers[(p, sp.part)].deadline_s() for p in set(sp.owners.values())}
-        # first Resend (decode steps only: prompts travel the reliable channel, step_channel): at
-        # the peer's deadline, or once its burst of chunks has gone silent for a gap (the rest is lost)
+        halo = self.options.mode == "halo"
+        deadlines = {p: sp.sent_at_s + self._timers[(p, sp.part)].deadline_s() for p in sp.peers}
+        # first Resend (unreliable steps): at the peer's deadline, or once its burst of chunks has
+        # gone silent for a gap (the rest is lost)
         next_resend = dict(deadlines)
         last_resend: dict[str, float] = {}
         last_progress = loop.time()
@@ -333,14 +371,14 @@ class Coordinator:
             if lost and self.options.mode == "strict":
                 raise PeerLost(sorted(lost))
             missing_critical = {p: g for p, g in sp.missing_critical().items() if p not in self.dead}
-            if self.options.mode == "halo" and not missing_critical:
+            if halo and not missing_critical:
                 pending = sp.pending_peers() - self.dead
                 if all(now >= deadlines[p] for p in pending):
                     return
                 wake = min(deadlines[p] for p in pending if now < deadlines[p])
             else:
                 wake = now + self.options.stall_timeout_s
-                if self._channel_for(sp.n_tokens) == Channel.UNRELIABLE:   # reliable ones just arrive
+                if channel == Channel.UNRELIABLE:   # reliable answers just arrive
                     for peer in missing_critical:
                         srtt = self._timers[(peer, sp.part)].srtt or 0.0
                         interval = max(self.options.resend_interval_s, 2 * srtt)
@@ -350,42 +388,57 @@ class Coordinator:
                             silent = heard + max(_SILENCE_GAP_S, interval)
                             due = min(due, max(silent, last_resend.get(peer, 0.0) + interval))
                         if now >= due:
-                            if peer not in last_resend and sp.last_heard_s.get(peer) is None:
+                            if peer not in last_resend and heard is None:
                                 self._timers[(peer, sp.part)].backoff()   # nothing arrived by the deadline
-                            # the round trip is paid for the critical groups: ask for the rest too
-                            await self._send_resend(peer, sp, sp.missing_of(peer))
-                            tries = sp.record.resends
+                            await self._send_resend(peer, sp)
                             last_resend[peer] = now
-                            next_resend[peer] = now + interval * min(64, 2 ** (tries - 1))   # back off
+                            next_resend[peer] = now + interval * min(64, 2 ** (sp.record.resends - 1))   # back off
                             due = next_resend[peer]
                         wake = min(wake, due)
             if now - last_progress > self.options.stall_timeout_s:
                 stuck = sorted(sp.pending_peers())
                 raise TransportError(f"no partials from {', '.join(stuck)} for {self.options.stall_timeout_s:.0f} s "
                                      f"at layer {sp.layer}", "check the peer is alive; it will be re-planned")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, wake - loop.time()))
+            if await self._sleep(wake):
                 last_progress = loop.time()
-            except TimeoutError:
-                pass
 
-    async def _send_resend(self, peer: str, sp: SyncPoint, groups: list[int]) -> None:
+    async def _sleep(self, until: float) -> bool:
+        """Wait until loop time ``until`` or an arrival (:meth:`_notify`); True if something arrived.
+
+        One future and one timer per wait (``asyncio.wait_for`` would also make a task each time).
+        """
+        loop = asyncio.get_running_loop()
+        if until <= loop.time():
+            await asyncio.sleep(0)
+            return False
+        fut = self._changed = loop.create_future()
+        timer = loop.call_at(until, _settle, fut, False)
+        try:
+            return await fut
+        finally:
+            self._changed = None
+            timer.cancel()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            _settle(self._changed, True)
+
+    async def _send_resend(self, peer: str, sp: SyncPoint) -> None:
         sp.record.resends += 1
         sp.retried.add(peer)
-        msg = Resend(session=self.session, step=sp.step, layer=sp.layer, part=sp.part, groups=tuple(groups))  # type: ignore[arg-type]
+        msg = Resend(session=self.session, step=sp.step, layer=sp.layer, part=sp.part,  # type: ignore[arg-type]
+                     chunks=sp.missing_chunks(peer))
         await self._send(peer, Channel.UNRELIABLE, codec.encode(msg))
 
     async def _send(self, peer: str, channel: Channel, frame: bytes) -> None:
         """Send to a worker; a closed link marks it dead instead of failing the token."""
-        if peer in self.dead:
-            return
-        try:
-            await self.links[peer].send(channel, frame)
-        except LinkClosed:
+        await self._send_all(peer, channel, [frame])
+
+    def _mark_dead(self, peer: str) -> None:
+        if peer not in self.dead:
             log.warning("link to %s closed: its groups count as missing", peer)
-            self.dead.add(peer)
-            self._changed.set()
+        self.dead.add(peer)
+        self._notify()
 
     def _remember(self, sp: SyncPoint) -> None:
         self._recent[sp.key] = sp
@@ -402,7 +455,7 @@ class Coordinator:
             except LinkClosed:
                 log.warning("link to %s closed: its groups count as missing", peer)
                 self.dead.add(peer)
-                self._changed.set()
+                self._notify()
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():
                     fut.set_exception(PeerLost([peer]))
@@ -413,7 +466,7 @@ class Coordinator:
                 self.counters["malformed"] += 1
                 log.debug("malformed frame from %s: %s", peer, exc)
                 continue
-            if isinstance(msg, Partial | PartialParity):
+            if isinstance(msg, Partial):
                 self._on_partial(peer, msg, loop.time())
             elif isinstance(msg, NeedInput):
                 sp = self._recent.get((msg.step, msg.layer, msg.part))
@@ -462,7 +515,7 @@ class Coordinator:
         await self._send(peer, Channel.RELIABLE, codec.encode(WeightsDone(session=self.session)))
         log.info("streamed %.1f MB of group weights to %s", sent / 1e6, peer)
 
-    def _on_partial(self, peer: str, msg: Partial | PartialParity, now: float) -> None:
+    def _on_partial(self, peer: str, msg: Partial, now: float) -> None:
         if msg.session != self.session:
             self.counters["stale"] += 1
             return
@@ -472,9 +525,9 @@ class Coordinator:
             return
         was_done = peer in sp.done_at_s
         try:
-            new = sp.add(peer, msg, now) if isinstance(msg, Partial) else sp.add_parity(peer, msg, now)
+            new = sp.add(peer, msg, now)
         except WireError as exc:
-            self.counters["superseded" if msg.group in sp.moved else "malformed"] += 1
+            self.counters["malformed"] += 1
             log.debug("dropping %s from %s: %s", type(msg).__name__, peer, exc)
             return
         if sp.closed:
@@ -482,4 +535,4 @@ class Coordinator:
         if not was_done and peer in sp.done_at_s and sp.n_tokens == 1 and peer not in sp.retried:
             self._timers[(peer, sp.part)].observe(sp.done_at_s[peer] - sp.sent_at_s)
         if new:
-            self._changed.set()
+            self._notify()

@@ -40,6 +40,8 @@ class GenerationStats:
         prompt_tokens: ids fed before the first generated token (including a reused prefix).
         prefill_s: wall time of the prompt forward, seconds (first token latency).
         decode_s: wall time of each later token, seconds.
+        decode_cpu_s: CPU time of this process (all threads, ``time.process_time``) over the
+            decode steps, seconds: with ``len(decode_s)`` it gives CPU-seconds per decode token.
         token_ids: generated ids (a stop id is not included).
         stop_reason: ``"stop"`` (EOS-like id), ``"length"`` (max_tokens) or ``"context"``.
     """
@@ -48,6 +50,7 @@ class GenerationStats:
     reused_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)
+    decode_cpu_s: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     stop_reason: str = "length"
 
@@ -134,11 +137,12 @@ class Generator:
             if len(context) >= limit:
                 stats.stop_reason = "context"
                 return
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = await self.engine.forward([token], len(context) - 1)
             self._cached = list(context)
             latency = time.perf_counter() - t0
             stats.decode_s.append(latency)
+            stats.decode_cpu_s += time.process_time() - c0
 
 
 @dataclass(frozen=True, slots=True)

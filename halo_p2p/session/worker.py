@@ -2,11 +2,13 @@
 
 It receives a :class:`~halo_p2p.wire.messages.Plan`, loads only its groups, then for every
 :class:`~halo_p2p.wire.messages.LayerInput` it can assemble (data chunks, or data rebuilt from
-XOR parity) computes its groups' partials in order and sends them back as
-:class:`~halo_p2p.wire.messages.Partial` chunks. Inputs of sync points older than the newest one
-computed are stale and dropped; a position whose input never arrived stays masked out of this
-worker's attention heads (see :meth:`halo_p2p.model.shard.GroupShard.partials`). It keeps the
-partials of the last few sync points to answer :class:`~halo_p2p.wire.messages.Resend`.
+XOR parity) computes its groups' partials and sends back the answer the input asks for: the
+partials summed into one row per segment (normally one), as
+:class:`~halo_p2p.wire.messages.Partial` chunks in the session's wire format, with XOR parity on
+a link that measured loss. Inputs of sync points older than the newest one computed are stale
+and dropped; a position whose input never arrived stays masked out of this worker's attention
+heads (see :meth:`halo_p2p.model.shard.GroupShard.partials`). It keeps the answers of the last
+few sync points to serve :class:`~halo_p2p.wire.messages.Resend`.
 """
 
 from __future__ import annotations
@@ -16,30 +18,29 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.engine.compute import HANDOFF_S, ComputeThread
 from halo_p2p.engine.protocol import GroupCompute
 from halo_p2p.errors import HaloError, LinkClosed, WireError
 from halo_p2p.groups import GroupId, GroupLayout
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
 from halo_p2p.plan import PlacementPlan
-from halo_p2p.session.coordinator import RELIABLE_CHUNK_BYTES
-from halo_p2p.session.sync import measured_lossy, step_channel
-from halo_p2p.wire import codec, fec
-from halo_p2p.wire.chunks import Reassembly, chunk_ranges, split_ranges
+from halo_p2p.session.frames import send_paced
+from halo_p2p.session.sync import measured_lossy, sends_norms, step_channel
+from halo_p2p.wire import codec
+from halo_p2p.wire.chunks import Reassembly
+from halo_p2p.wire.framing import answer_template, encode_frames
 from halo_p2p.wire.messages import (
     Bye,
     ErrorReply,
     GroupTensor,
     LayerInput,
     NeedInput,
-    Partial,
-    PartialParity,
     Plan,
     PlanReady,
     Resend,
@@ -47,6 +48,8 @@ from halo_p2p.wire.messages import (
     WeightsDone,
     WeightsWanted,
 )
+from halo_p2p.wire.quant import WireFormat, wire_format
+from halo_p2p.wire.vector import ChunkedVector
 
 __all__ = ["ModelOpener", "NeedWeights", "ShardFactory", "Worker"]
 
@@ -79,13 +82,21 @@ _INPUT_GAP_S = 0.02   # an incomplete input silent this long has lost chunks
 
 @dataclass(slots=True)
 class _Input:
-    n_tokens: int
-    start_pos: int
-    n_data: int
-    n_parity: int
-    dtype: np.dtype
-    chunks: dict[int, np.ndarray] = field(default_factory=dict)
+    first: LayerInput              # the header every chunk of this input must repeat
+    vector: ChunkedVector
     queued: bool = False
+
+    def same(self, msg: LayerInput) -> bool:
+        f = self.first
+        return (msg.n_tokens, msg.start_pos, msg.groups, msg.segments) == (f.n_tokens, f.start_pos, f.groups,
+                                                                            f.segments)
+
+
+@dataclass(slots=True)
+class _Answer:
+    frames: list[bytes]
+    n_data: int
+    channel: Channel
 
 
 class Worker:
@@ -96,9 +107,9 @@ class Worker:
         link: the link to the coordinator.
         open_model: resolves the model of a plan to its layout and a shard factory.
         compute: this peer's compute thread (shared by all sessions the peer serves).
-        uplink_parity: on the unreliable channel, follow each group's partial with a
-            :class:`~halo_p2p.wire.messages.PartialParity` frame (uplink FEC: any one lost chunk
-            of the group is rebuilt; costs one frame per group).
+        uplink_parity: on the unreliable channel, follow the answer's chunks with XOR parity
+            chunks on a link whose heartbeats measured loss (uplink FEC: one lost chunk per
+            parity stripe is rebuilt; a one-chunk answer is sent twice).
     """
 
     def __init__(self, peer_id: str, link: Link, open_model: ModelOpener, compute: ComputeThread, *,
@@ -110,10 +121,9 @@ class Worker:
         self.shard: GroupCompute | None = None
         self.session = -1
         self.mode = "halo"
-        self.wire_dtype = np.dtype(np.float16)
+        self.fmt: WireFormat = wire_format("q8_0")
         self._inputs: dict[tuple[int, int, int], _Input] = {}
-        self._results: OrderedDict[tuple[int, int, int], list[list[bytes]]] = OrderedDict()
-        self._channels: dict[tuple[int, int, int], Channel] = {}
+        self._results: OrderedDict[tuple[int, int, int], _Answer] = OrderedDict()
         self._checks: dict[tuple[int, int, int], asyncio.TimerHandle] = {}
         self._pending: tuple[Plan, NeedWeights] | None = None     # a plan waiting for streamed weights
         self._streamed: dict[GroupId, dict[str, Reassembly]] = {}
@@ -185,7 +195,7 @@ class Worker:
             await self.link.send(Channel.RELIABLE, codec.encode(ErrorReply(code="bad-plan", message=str(exc))))
             return
         self.session, self.mode = msg.session, msg.mode
-        self.wire_dtype = np.dtype(msg.wire_dtype)
+        self.fmt = wire_format(msg.wire_dtype)
         self._inputs.clear()
         self._results.clear()
         self._latest = (-1, -1, -1)
@@ -232,21 +242,28 @@ class Worker:
             if self._last_step[0] >= 0:
                 self.step_intervals_s.append(now - self._last_step[1])
             self._last_step = (msg.step, now)
-        if msg.session != self.session or self.shard is None:
+        if msg.session != self.session or self.shard is None or self.layout is None:
             self.counters["stale"] += 1
             return
         if key <= self._latest:
             self.counters["redundant" if key == self._latest else "stale"] += 1
             return
         inp = self._inputs.get(key)
-        if inp is None:
-            dtype = msg.data.dtype if msg.chunk < msg.n_data else (
-                np.dtype(np.float16) if msg.data.dtype == np.uint16 else np.dtype(np.float32))
-            inp = self._inputs[key] = _Input(msg.n_tokens, msg.start_pos, msg.n_data, msg.n_parity, dtype)
-        if inp.queued:
+        try:
+            if inp is None:
+                vector = ChunkedVector(self.fmt, msg.n_tokens * self.layout.dim, msg.n_data, msg.n_parity)
+                inp = _Input(msg, vector)
+            elif not (inp.same(msg) and inp.vector.matches(msg.n_data, msg.n_parity)):
+                raise WireError(f"chunk {msg.chunk} of input {key} disagrees with the earlier chunks")
+            if inp.queued:
+                return
+            inp.vector.add(msg.chunk, msg.offset, msg.data)
+        except WireError as exc:
+            self.counters["malformed"] += 1
+            log.debug("%s: bad input chunk for %s: %s", self.peer_id, key, exc)
             return
-        inp.chunks[msg.chunk] = msg.data
-        if self._assemble(key, inp) is not None:
+        self._inputs[key] = inp
+        if inp.vector.complete:
             inp.queued = True
             self._queue.put_nowait(key)
         elif key not in self._checks:          # some chunks arrived, the rest may be lost
@@ -264,94 +281,68 @@ class Worker:
         task = asyncio.ensure_future(self.link.send(Channel.UNRELIABLE, frame))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _assemble(self, key: tuple[int, int, int], inp: _Input) -> np.ndarray | None:
-        assert self.layout is not None
-        total = inp.n_tokens * self.layout.dim
-        lengths = [b - a for a, b in split_ranges(total, inp.n_data)]
-        try:
-            data = fec.recover(inp.chunks, inp.n_data, inp.n_parity, lengths, inp.dtype)
-        except (WireError, ValueError) as exc:
-            self.counters["malformed"] += 1
-            log.debug("%s: bad input chunks for %s: %s", self.peer_id, key, exc)
-            inp.chunks.clear()
-            return None
-        if data is None:
-            return None
-        return np.concatenate(data).reshape(inp.n_tokens, self.layout.dim)
-
     async def _compute_loop(self) -> None:
         while True:
             key = await self._queue.get()
             inp = self._inputs.pop(key, None)
-            if inp is None or key <= self._latest or self.shard is None:
+            if inp is None or key <= self._latest or self.shard is None or self.layout is None:
                 self.counters["stale"] += 1
                 continue
-            x = self._assemble(key, inp)
-            if x is None:
+            check = self._checks.pop(key, None)
+            if check is not None:
+                check.cancel()
+            _, layer, part = key
+            held = self.shard.groups_at(layer, part)
+            head = inp.first
+            if not set(head.groups) <= set(held):
+                self.counters["bad_groups"] += 1
+                log.warning("%s: input %s asks for groups %s; this peer holds %s", self.peer_id, key,
+                            sorted(set(head.groups) - set(held)), held)
                 continue
-            step, layer, part = key
             self._latest = key
             for old in [k for k in self._inputs if k <= key]:
                 del self._inputs[old]
-            partials = await self.compute.run(self.shard.partials, layer, part, x, inp.start_pos)
-            channel = step_channel(self.mode, inp.n_tokens)
-            parity = self._parity_on(channel)
-            frames = self._frames(step, layer, part, partials, channel, parity)
-            self._results[key] = frames
+            x = inp.vector.values().reshape(head.n_tokens, self.layout.dim)
+            rows, i = [], 0
+            for n in head.segments:
+                rows.append(list(head.groups[i:i + n]))
+                i += n
+            norms = sends_norms(self.mode, head.n_tokens, head.step)
+            sums, group_norms = await self.compute.run(   # a decode step's share: inline once measured short
+                self.shard.answer, layer, part, x, head.start_pos, rows, norms=norms,
+                inline_below_s=HANDOFF_S if head.n_tokens == 1 else None, kind=f"answer/{head.n_tokens == 1}")
+            channel = step_channel(self.mode, head.n_tokens)
+            template = answer_template(self.session, head.step, head.layer, head.part, n_groups=len(head.groups),
+                                       norms=norms, fmt=self.fmt)
+            vec, frames = encode_frames(template, sums.reshape(-1), self.fmt, reliable=channel == Channel.RELIABLE,
+                                        parity=self._parity_on(channel),
+                                        norms=group_norms.astype(np.float16) if group_norms is not None else None)
+            self._results[key] = _Answer(frames, vec.n_data, channel)
             while len(self._results) > _KEEP_RESULTS:
-                old, _ = self._results.popitem(last=False)
-                self._channels.pop(old, None)
-            self._channels[key] = channel
-            # every group's data first, then its parity frames (the last of each group's frames,
-            # needed only if something was lost)
-            k = int(parity)
-            await self._send_all(channel, [f for fs in frames for f in fs[:len(fs) - k]] +
-                                 [f for fs in frames for f in fs[len(fs) - k:]])
+                self._results.popitem(last=False)
+            await self._send_all(channel, frames)
 
     async def _send_all(self, channel: Channel, frames: list[bytes]) -> None:
-        """Send frames, pausing every 16 unreliable ones until the link's backlog drains."""
-        for i, frame in enumerate(frames):
-            if channel == Channel.UNRELIABLE and i and i % 16 == 0:
-                await self.link.drain()
-            await self.link.send(channel, frame)
-
-    def _frames(self, step: int, layer: int, part: int, partials: np.ndarray, channel: Channel,
-                parity: bool) -> list[list[bytes]]:
-        groups = self.shard.groups_at(layer, part) if self.shard else []
-        wire = partials.astype(self.wire_dtype).reshape(len(groups), -1)
-        max_elems = (codec.max_payload_elems(self.wire_dtype, message_type=Partial) if channel == Channel.UNRELIABLE
-                     else RELIABLE_CHUNK_BYTES // self.wire_dtype.itemsize)
-        ranges = chunk_ranges(wire.shape[1], max_elems) if wire.size else []
-        out = []
-        for g, row in zip(groups, wire, strict=True):
-            where = {"session": self.session, "step": step, "layer": layer, "part": part, "group": g}
-            frames = [codec.encode(Partial(**where, offset=a, data=row[a:b])) for a, b in ranges]  # type: ignore[arg-type]
-            if parity:
-                bits = fec.encode_parity([row[a:b] for a, b in ranges], 1)[0]
-                frames.append(codec.encode(PartialParity(**where, n_data=len(ranges), data=bits)))  # type: ignore[arg-type]
-            out.append(frames)
-        return out
+        await send_paced(self.link, channel, frames)
 
     def _parity_on(self, channel: Channel) -> bool:
-        """Whether each group's frames end with a PartialParity: uplink FEC on the unreliable
-        channel, unless the link's heartbeats measured no loss at all (``measured_plr == 0``;
-        ``None``, not yet measured, counts as lossy): on a clean link a parity frame per group
-        only doubles the frames of one-packet partials."""
+        """Whether the answer carries parity chunks: uplink FEC on the unreliable channel, unless
+        the link's heartbeats measured no loss at all (``measured_plr == 0``; ``None``, not yet
+        measured, counts as lossy): on a clean link parity only doubles the frames."""
         return self.uplink_parity and channel == Channel.UNRELIABLE and measured_lossy(self.link)
 
     async def _on_resend(self, msg: Resend) -> None:
         key = (msg.step, msg.layer, msg.part)
         if msg.session != self.session:
             return
-        frames = self._results.get(key)
-        if frames is None:
+        answer = self._results.get(key)
+        if answer is None:
             waiting = key in self._inputs and not self._inputs[key].queued
             if waiting or (key > self._latest and key not in self._inputs):
                 self.counters["need_input"] += 1
                 await self.link.send(Channel.UNRELIABLE, codec.encode(NeedInput(
                     session=self.session, step=msg.step, layer=msg.layer, part=msg.part)))  # type: ignore[arg-type]
             return
-        groups = self.shard.groups_at(msg.layer, msg.part) if self.shard else []
-        self.counters["resent_groups"] += len(msg.groups)
-        channel = self._channels.get(key, Channel.UNRELIABLE)
-        await self._send_all(channel, [f for g in msg.groups if g in groups for f in frames[groups.index(g)]])
+        wanted = [k for k in msg.chunks if k < answer.n_data] if msg.chunks else range(answer.n_data)
+        self.counters["resent_chunks"] += len(wanted)
+        await self._send_all(answer.channel, [answer.frames[k] for k in wanted] + answer.frames[answer.n_data:])

@@ -2,8 +2,8 @@
 
 A frame is one CBOR array ``[version, KIND, *fields]`` (declaration order, ``version`` excluded):
 shortest-form integers, float64 floats, arrays for tuples, maps for dicts, and numpy arrays as byte
-strings under an RFC 8746 little-endian typed-array tag (84 float16, 85 float32, 69 uint16,
-70 uint32). See ``docs/wire-protocol.md``. The only module that imports :mod:`cbor2`; pure.
+strings under an RFC 8746 little-endian typed-array tag (64 uint8, 84 float16, 85 float32,
+69 uint16, 70 uint32). See ``docs/wire-protocol.md``. The only module that imports :mod:`cbor2`; pure.
 """
 
 from __future__ import annotations
@@ -26,23 +26,22 @@ from halo_p2p.wire.messages import (
     Bye,
     Dtypes,
     ErrorReply,
-    LayerInput,
     MaxValue,
     Message,
-    Partial,
 )
 
-__all__ = ["SCTP_USERDATA_BYTES", "TYPED_ARRAY_TAGS", "decode", "encode", "max_payload_elems"]
+__all__ = ["SCTP_USERDATA_BYTES", "TYPED_ARRAY_TAGS", "decode", "encode", "payload_budget"]
 
 SCTP_USERDATA_BYTES = 1160
 """aiortc's SCTP ``USERDATA_MAX_LENGTH``: the largest message that travels as one packet."""
 
-TYPED_ARRAY_TAGS: dict[str, int] = {"float16": 84, "float32": 85, "uint16": 69, "uint32": 70}
+TYPED_ARRAY_TAGS: dict[str, int] = {"uint8": 64, "float16": 84, "float32": 85, "uint16": 69, "uint32": 70}
 """numpy dtype name -> the RFC 8746 little-endian typed-array tag used to encode it."""
 
-# Decoded tags: ours, and their big-endian twins (RFC 8746: the endianness bit, 4, cleared).
+# Decoded tags: ours, and the big-endian twins of the multi-byte ones (RFC 8746: endianness bit 4 cleared).
 _TAG_DTYPES: dict[int, np.dtype[Any]] = {tag - big * 4: np.dtype(name).newbyteorder(">" if big else "<")
-                                         for name, tag in TYPED_ARRAY_TAGS.items() for big in (0, 1)}
+                                         for name, tag in TYPED_ARRAY_TAGS.items() for big in (0, 1)
+                                         if not (big and np.dtype(name).itemsize == 1)}
 _LE_DTYPES = {name: _TAG_DTYPES[tag] for name, tag in TYPED_ARRAY_TAGS.items()}
 _NDARRAY_TAG = 40  # RFC 8746 multi-dimensional array, row-major: 40([shape, typed array])
 _MAX_DEPTH = 64  # nesting of the plan dict
@@ -156,7 +155,7 @@ def _array_codec(dtypes: tuple[str, ...]) -> tuple[Callable[[Any], Any], Callabl
         tag_le = tags.get((dt.kind, dt.itemsize))
         if tag_le is None:
             raise _Invalid(f"must have dtype {allowed}, got {dt}")
-        if dt.byteorder not in _LITTLE:
+        if dt.byteorder not in _LITTLE and dt.byteorder != "|":
             v = v.astype(tag_le[1])
         return cbor2.CBORTag(tag_le[0], v.tobytes())
 
@@ -188,14 +187,14 @@ def _ndarray_from_cbor(v: Any) -> np.ndarray:
         return flat.reshape(shape)
     dtype = _TAG_DTYPES.get(v.tag)
     if dtype is None:
-        raise _Invalid(f"must be an RFC 8746 typed array (float16, float32, uint16, uint32), got tag {v.tag}")
+        raise _Invalid(f"must be an RFC 8746 typed array (uint8, float16, float32, uint16, uint32), got tag {v.tag}")
     if type(v.value) is not bytes:
         raise _Invalid(f"typed array (tag {v.tag}) must wrap a byte string, got {_name(v.value)}")
     if len(v.value) % dtype.itemsize:
         raise _Invalid(f"typed array (tag {v.tag}) has {len(v.value)} bytes, "
                        f"not a multiple of {dtype.itemsize}")
     arr = np.frombuffer(v.value, dtype)  # read-only: a view of the immutable bytes
-    if dtype.byteorder != _NATIVE:
+    if dtype.byteorder not in (_NATIVE, "|"):   # "|": one-byte items have no byte order
         arr = arr.astype(dtype.newbyteorder("="))
         arr.flags.writeable = False
     return arr
@@ -259,11 +258,11 @@ def encode(msg: Message) -> bytes:
             arrays of the field's dtypes (any byte order; sent little-endian).
 
     Returns:
-        The frame. A :class:`Partial` of 288 float16 elements takes 590 to 610 bytes.
+        The frame. A :class:`Partial` of 576 elements in Q8_0 (612 payload bytes) takes about 630 bytes.
 
     Raises:
         WireError: the message is not a registered kind, is of another version, or a field
-            breaks the schema (e.g. "cannot encode Partial: field 'group' must be int, got str").
+            breaks the schema (e.g. "cannot encode Partial: field 'chunk' must be int, got str").
     """
     cls = type(msg)
     schema = _SCHEMAS.get(cls)
@@ -337,6 +336,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             kwargs[name] = dec(value)
         except _Invalid as exc:
             raise DecodeError(f"{cls.__name__} field {name!r} {exc}") from None
+        except (ValueError, OverflowError, TypeError) as exc:   # e.g. a huge bignum, a bad tag-40 shape
+            raise DecodeError(f"{cls.__name__} field {name!r} cannot be decoded: {type(exc).__name__}") from exc
     msg = cls(**kwargs)
     problem = msg.check()
     if problem is not None:
@@ -344,60 +345,27 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     return msg
 
 
-def max_payload_elems(dtype: Any, budget_bytes: int = SCTP_USERDATA_BYTES, *,
-                      message_type: type[LayerInput] | type[Partial] | None = None) -> int:
-    """The most array elements of ``dtype`` a frame can carry within ``budget_bytes``.
+def payload_budget(template: Message, budget_bytes: int = SCTP_USERDATA_BYTES) -> int:
+    """Payload bytes a frame like ``template`` can carry within ``budget_bytes``.
 
-    Computed for the worst-case header: every integer field at its largest value (4-byte CBOR
-    width for the 32-bit fields, 1 byte for ``part``), so any valid frame with this many elements
-    fits.
-
-    Args:
-        dtype: float16 or float32 (uint16/uint32 for LayerInput parity, same size as its data).
-        budget_bytes: the frame size limit (default: one aiortc SCTP packet, 1160 bytes).
-        message_type: :class:`LayerInput` or :class:`Partial`; None (default) gives the smaller
-            of the two (LayerInput's), which suits both.
-
-    Returns:
-        The element count (0 if not even one element fits). At 1160 bytes: 553 float16 /
-        276 float32 for LayerInput, 563 / 281 for Partial.
+    ``template`` is the message with its real header fields and an empty ``data`` array; the
+    integer fields that vary between the chunks of one vector (``chunk``, ``n_data``,
+    ``n_parity``, ``offset``) are counted at their widest (3 bytes each, 5 for ``offset``), and
+    the payload's byte-string head at 3 bytes, so every chunk of the vector fits.
 
     Raises:
-        ValueError: a dtype the message cannot carry.
+        WireError: ``template`` cannot be encoded.
     """
-    if message_type is None:
-        return min(max_payload_elems(dtype, budget_bytes, message_type=t) for t in (LayerInput, Partial))
-    dt = np.dtype(dtype)
-    header = _worst_header_bytes(message_type, dt.name)
-    n = max(0, (budget_bytes - header) // dt.itemsize)
-    while n > 0 and header + _head_bytes(n * dt.itemsize) + n * dt.itemsize > budget_bytes:
-        n -= 1  # at most twice: the byte-string length head takes 1 to 3 bytes here
-    return n
+    fields = {f.name for f in dataclasses.fields(template)}
+    small = {k: v for k, v in (("chunk", 0), ("n_data", 1), ("n_parity", 0), ("offset", 0)) if k in fields}
+    frame = encode(dataclasses.replace(template, **small))          # type: ignore[type-var]
+    widen = sum(4 if k == "offset" else 2 for k in small)           # 1-byte ints -> 3 bytes (offset: 5)
+    return budget_bytes - len(frame) - widen - 2                    # byte-string head: 1 -> 3 bytes
 
 
 def _head_bytes(value: int) -> int:
     """Bytes of a CBOR initial byte plus argument for an unsigned ``value`` (RFC 8949 §3)."""
     return 1 if value < 24 else 2 if value < 2**8 else 3 if value < 2**16 else 5 if value < 2**32 else 9
-
-
-def _worst_header_bytes(cls: type, dtype_name: str) -> int:
-    """Frame bytes besides the array's length head and payload, with every field at its widest."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    names = _field_names(cls)
-    total = _head_bytes(len(names) + 2) + _head_bytes(WIRE_VERSION) + _head_bytes(cls.KIND)
-    for name in names:
-        base, meta = _split_hint(hints[name])
-        if base is int:
-            total += _head_bytes(_meta(meta, MaxValue, 2**32 - 1))
-        elif base is np.ndarray:
-            if dtype_name not in _meta(meta, Dtypes, tuple(TYPED_ARRAY_TAGS)):
-                raise ValueError(f"{cls.__name__} cannot carry {dtype_name} arrays")
-            total += _head_bytes(TYPED_ARRAY_TAGS[dtype_name])
-        elif base is float:
-            total += 9  # float64
-        else:
-            raise ValueError(f"{cls.__name__} field {name!r} has no worst-case size")
-    return total
 
 
 def _no_sharing(value: Any, immutable: bool) -> Any:

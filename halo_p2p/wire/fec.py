@@ -3,7 +3,7 @@
 Every worker needs the whole :class:`~halo_p2p.wire.messages.LayerInput` of a sync point; one lost
 chunk would stall it for a round trip (a ``NeedInput``). With ``n_data`` data chunks and
 ``n_parity = p`` parity chunks, parity chunk ``j`` is the bitwise XOR of the data chunks
-``{i : i % p == j}`` (their bit patterns as uint16 / uint32, each zero-padded to the longest data
+``{i : i % p == j}`` (their bit patterns as uint8 / uint16 / uint32, each zero-padded to the longest data
 chunk). Each such subset plus its parity survives the loss of any one of its chunks.
 ``p = 0`` sends no parity, ``p = 1`` one parity over all chunks, ``p = n_data`` duplicates every
 chunk. The cost is ``p / n_data`` extra packets; :func:`delivery_probability` gives the benefit.
@@ -23,6 +23,7 @@ from halo_p2p.errors import WireError
 __all__ = ["delivery_probability", "encode_parity", "min_parity", "parity_dtype", "recover"]
 
 _BITS = {
+    np.dtype(np.uint8): np.dtype(np.uint8),        # Q8_0 blocks (halo_p2p.wire.quant) are bytes already
     np.dtype(np.float16): np.dtype(np.uint16),
     np.dtype(np.float32): np.dtype(np.uint32),
     np.dtype(np.uint16): np.dtype(np.uint16),
@@ -31,10 +32,11 @@ _BITS = {
 
 
 def parity_dtype(dtype: Any) -> np.dtype[Any]:
-    """The unsigned dtype of the bit patterns of ``dtype``: uint16 for float16, uint32 for float32.
+    """The unsigned dtype of the bit patterns of ``dtype``: uint16 for float16, uint32 for float32,
+    uint8 for uint8 (Q8_0 payloads).
 
     Raises:
-        ValueError: any dtype other than float16, float32, uint16, uint32.
+        ValueError: any dtype other than float16, float32, uint8, uint16, uint32.
     """
     try:
         return _BITS[np.dtype(dtype)]

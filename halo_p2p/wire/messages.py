@@ -12,7 +12,7 @@ Field annotations are the wire schema; the codec reads them once at import:
 - ``str`` / ``Literal["a", "b"]``: a text string (one of the literals);
 - ``tuple[int, ...]``: an array of unsigned 32-bit integers;
 - ``dict[str, Any]``: a JSON-like map (str keys; values None, bool, int, float, str, list, dict);
-- ``Activations`` / ``WireArray``: a 1-D numpy array sent as an RFC 8746 typed array.
+- ``Activations`` / ``Payload`` / ``Norms``: a 1-D numpy array sent as an RFC 8746 typed array.
 
 Arrays are compared bit for bit by ``==`` (dtype and bit patterns, whatever the byte order), so
 ``-0.0 != 0.0`` and a NaN equals the same NaN; messages are unhashable.
@@ -33,7 +33,9 @@ import numpy as np
 __all__ = [
     "MESSAGE_TYPES",
     "REGISTRY",
+    "SYNC_MODES",
     "U64",
+    "WIRE_DTYPES",
     "WIRE_VERSION",
     "Activations",
     "Bye",
@@ -46,9 +48,10 @@ __all__ = [
     "MaxValue",
     "Message",
     "NeedInput",
+    "Norms",
     "Part",
     "Partial",
-    "PartialParity",
+    "Payload",
     "Plan",
     "PlanReady",
     "Resend",
@@ -58,10 +61,9 @@ __all__ = [
     "SignalRefused",
     "WeightsDone",
     "WeightsWanted",
-    "WireArray",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 """The wire major version this code speaks; frames of any other version are refused."""
 
 
@@ -84,9 +86,17 @@ U64 = Annotated[int, MaxValue(2**64 - 1)]
 Part = Annotated[int, MaxValue(1)]
 """A sync point within a layer: 0 = attention input/output, 1 = MLP input/output."""
 Activations = Annotated[np.ndarray, Dtypes(("float16", "float32"))]
-"""A 1-D float16 or float32 array of activations."""
-WireArray = Annotated[np.ndarray, Dtypes(("float16", "float32", "uint16", "uint32"))]
-"""A 1-D array of activations or of their XOR parity bit patterns (uint16 / uint32)."""
+"""A 1-D float16 or float32 array (weights streamed in :class:`GroupTensor`)."""
+Payload = Annotated[np.ndarray, Dtypes(("float16", "float32", "uint8", "uint16", "uint32"))]
+"""A 1-D chunk payload: float16/float32 activations or uint8 Q8_0 blocks; or XOR parity bit
+patterns (uint8 / uint16 / uint32)."""
+Norms = Annotated[np.ndarray, Dtypes(("float16",))]
+"""A 1-D float16 array of per-group partial norms."""
+
+SYNC_MODES = ("strict", "strict-unreliable", "halo")
+"""``Plan.mode`` values: see :class:`Plan`."""
+WIRE_DTYPES = ("float16", "float32", "q8_0")
+"""``Plan.wire_dtype`` values: the activation formats of :mod:`halo_p2p.wire.quant`."""
 
 
 def _little(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -135,18 +145,40 @@ class _Base:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-# --- activations: the unreliable channel, one frame per SCTP packet -----------------------------
+# --- activations: one frame per SCTP packet on the unreliable channel ----------------------------
+
+
+def _check_chunks(chunk: int, n_data: int, n_parity: int, offset: int, data: np.ndarray) -> str | None:
+    """The chunk rules shared by :class:`LayerInput` and :class:`Partial`."""
+    if n_data < 1:
+        return f"n_data ({n_data}) must be >= 1"
+    if n_parity > n_data:
+        return f"n_parity ({n_parity}) must be <= n_data ({n_data})"
+    if chunk >= n_data + n_parity:
+        return f"chunk {chunk} out of range for n_data {n_data} + n_parity {n_parity}"
+    if chunk < n_data:
+        if data.dtype.kind != "f" and data.dtype != np.uint8:
+            return f"data chunk {chunk} must be float16, float32 or uint8 (q8_0 blocks), got {data.dtype}"
+    else:
+        if data.dtype.kind != "u":
+            return f"parity chunk {chunk} must be uint8, uint16 or uint32, got {data.dtype}"
+        if offset != 0:
+            return f"parity chunk {chunk} must have offset 0, got {offset}"
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class LayerInput(_Base):
-    """Coordinator -> worker: one chunk of the normalized input of sync point ``(layer, part)``.
+    """Coordinator -> worker: one chunk of the normalized input of sync point ``(layer, part)``,
+    and what the worker must send back.
 
-    The input is the flattened ``(n_tokens, dim)`` array (row-major). Data chunks
-    ``0 .. n_data-1`` cover ``chunks.split_ranges(n_tokens * dim, n_data)``; chunk ``k`` holds
-    elements ``[offset, offset + len(data))``. Chunks ``n_data .. n_data+n_parity-1`` are XOR
-    parity (``fec.encode_parity``): ``data`` holds bit patterns (uint16 for float16 data, uint32
-    for float32) and ``offset`` is 0.
+    The input is the flattened ``(n_tokens, dim)`` array (row-major) in the session's wire
+    format (``Plan.wire_dtype``), cut as :mod:`halo_p2p.wire.vector` describes: data chunks
+    ``0 .. n_data-1`` cover ``vector.chunk_ranges(fmt, n_tokens * dim, n_data)``, chunk ``k``
+    holding elements from ``offset``; chunks ``n_data ..`` are XOR parity (``offset`` 0).
+
+    The answer (:class:`Partial`) is one vector of ``len(segments)`` rows of ``(n_tokens, dim)``:
+    row ``s`` is the sum of the partials of the next ``segments[s]`` groups of ``groups``.
 
     Attributes:
         session: session id (from :class:`Plan`).
@@ -155,11 +187,15 @@ class LayerInput(_Base):
         part: 0 = attention input, 1 = MLP input.
         start_pos: position (tokens) of the first of the ``n_tokens`` rows in the sequence.
         n_tokens: rows of the input.
+        groups: the receiver's groups to compute and send at this point, segment by segment
+            (indices among the layer's attention groups for part 0, MLP groups for part 1).
+        segments: group counts of the answer's rows (each >= 1; they sum to ``len(groups)``).
         chunk: index of this chunk, ``< n_data + n_parity``.
         n_data: number of data chunks (>= 1).
         n_parity: number of parity chunks (``0 <= n_parity <= n_data``).
         offset: first element (flat index) of a data chunk; 0 for a parity chunk.
-        data: 1-D float16/float32 elements, or uint16/uint32 parity bit patterns.
+        data: the chunk's payload: float16/float32 elements or uint8 Q8_0 blocks
+            (:mod:`halo_p2p.wire.quant`); parity: uint8/uint16/uint32 bit patterns.
     """
 
     KIND: ClassVar[int] = 1
@@ -171,44 +207,39 @@ class LayerInput(_Base):
     part: Part
     start_pos: int
     n_tokens: int
+    groups: tuple[int, ...]
+    segments: tuple[int, ...]
     chunk: int
     n_data: int
     n_parity: int
     offset: int
-    data: WireArray
+    data: Payload
 
     def check(self) -> str | None:
-        if self.n_tokens < 1 or self.n_data < 1:
-            return f"n_tokens ({self.n_tokens}) and n_data ({self.n_data}) must be >= 1"
-        if self.n_parity > self.n_data:
-            return f"n_parity ({self.n_parity}) must be <= n_data ({self.n_data})"
-        if self.chunk >= self.n_data + self.n_parity:
-            return f"chunk {self.chunk} out of range for n_data {self.n_data} + n_parity {self.n_parity}"
-        if self.chunk < self.n_data:
-            if self.data.dtype.kind != "f":
-                return f"data chunk {self.chunk} must be float16 or float32, got {self.data.dtype}"
-        else:
-            if self.data.dtype.kind != "u":
-                return f"parity chunk {self.chunk} must be uint16 or uint32, got {self.data.dtype}"
-            if self.offset != 0:
-                return f"parity chunk {self.chunk} must have offset 0, got {self.offset}"
-        return None
+        if self.n_tokens < 1:
+            return f"n_tokens ({self.n_tokens}) must be >= 1"
+        if not self.groups or len(set(self.groups)) != len(self.groups):
+            return f"groups {self.groups[:20]} must be non-empty and distinct"
+        if 0 in self.segments or sum(self.segments) != len(self.groups):
+            return f"segments {self.segments[:20]} must be >= 1 each and sum to len(groups) = {len(self.groups)}"
+        return _check_chunks(self.chunk, self.n_data, self.n_parity, self.offset, self.data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Partial(_Base):
-    """Worker -> coordinator: a slice of one neuron group's partial output at ``(layer, part)``.
+    """Worker -> coordinator: one chunk of a worker's answer at ``(layer, part)``.
+
+    The answer is the vector the :class:`LayerInput` asked for: ``len(segments)`` rows of the
+    flattened ``(n_tokens, dim)``, row ``s`` the sum of the partials of its groups, in the session's
+    wire format, chunked with parity exactly as a :class:`LayerInput` (``halo_p2p.wire.vector``).
 
     Attributes:
-        session: session id.
-        step: forward-pass counter.
-        layer: transformer block index.
-        part: 0 = attention output, 1 = MLP output.
-        group: index of the group among the layer's attention groups (part 0) or MLP groups
-            (part 1).
-        offset: first element (flat index) of ``data`` in the flattened ``(n_tokens, dim)``
-            partial output.
-        data: 1-D float16 or float32 elements ``[offset, offset + len(data))``.
+        session, step, layer, part: the sync point, as in :class:`LayerInput`.
+        chunk, n_data, n_parity, offset: as in :class:`LayerInput`.
+        norms: the L2 norm of each group's own partial, in the input's ``groups`` order
+            (float16), so the coordinator can measure which groups mattered; empty when not
+            asked for (prompts, strict modes) and on chunks other than 0.
+        data: the chunk's payload or parity, as in :class:`LayerInput`.
     """
 
     KIND: ClassVar[int] = 2
@@ -218,55 +249,27 @@ class Partial(_Base):
     step: int
     layer: int
     part: Part
-    group: int
-    offset: int
-    data: Activations
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
-class PartialParity(_Base):
-    """Worker -> coordinator: XOR parity over the :class:`Partial` chunks of one group.
-
-    Uplink forward error correction: a group's flattened ``(n_tokens, dim)`` partial is sent as
-    ``n_data`` data chunks covering ``chunks.split_ranges(n_tokens * dim, n_data)``; this frame's
-    ``data`` is ``fec.encode_parity(chunks, 1)[0]``, the XOR of their bit patterns zero-padded to
-    the longest chunk. The coordinator rebuilds any one lost data chunk of the group from it, so
-    at PLR ``p`` a 2-chunk partial is lost with probability ``~3 p**2`` instead of ``~2 p``.
-
-    Attributes:
-        session, step, layer, part, group: as in :class:`Partial`.
-        n_data: number of data chunks of the group's partial (>= 1).
-        data: 1-D uint16 (float16 partials) or uint32 (float32) parity bit patterns.
-    """
-
-    KIND: ClassVar[int] = 5
-    RELIABLE: ClassVar[bool] = False
-
-    session: int
-    step: int
-    layer: int
-    part: Part
-    group: int
+    chunk: int
     n_data: int
-    data: WireArray
+    n_parity: int
+    offset: int
+    norms: Norms
+    data: Payload
 
     def check(self) -> str | None:
-        if self.n_data < 1:
-            return f"n_data ({self.n_data}) must be >= 1"
-        if self.data.dtype.kind != "u":
-            return f"parity data must be uint16 or uint32, got {self.data.dtype}"
-        return None
+        return _check_chunks(self.chunk, self.n_data, self.n_parity, self.offset, self.data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Resend(_Base):
-    """Coordinator -> worker: send these missing groups' partials (and their parity) again.
+    """Coordinator -> worker: send these data chunks of your answer again (and its parity).
 
-    Sent when a critical group is missing; it names every group of the worker still incomplete.
+    Sent when a critical group's row is still incomplete after the worker's deadline.
 
     Attributes:
         session, step, layer, part: the sync point, as in :class:`Partial`.
-        groups: group indices (non-empty).
+        chunks: data chunk indices; empty when no chunk arrived (the coordinator does not know
+            the answer's chunk count yet): send the whole answer.
     """
 
     KIND: ClassVar[int] = 3
@@ -276,10 +279,7 @@ class Resend(_Base):
     step: int
     layer: int
     part: Part
-    groups: tuple[int, ...]
-
-    def check(self) -> str | None:
-        return None if self.groups else "groups must not be empty"
+    chunks: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
@@ -310,8 +310,11 @@ class Plan(_Base):
         session: new session id (unsigned 32-bit; chosen by the coordinator).
         model_sha256: lowercase hex SHA-256 of the model file (64 characters).
         plan: the placement plan, an opaque JSON-like dict built by the planner.
-        wire_dtype: activation dtype on the wire, ``"float16"`` or ``"float32"``.
-        mode: ``"strict"`` (wait for every partial) or ``"halo"`` (relaxed synchronization).
+        wire_dtype: activation format on the wire, ``"float16"``, ``"float32"`` or ``"q8_0"``
+            (:mod:`halo_p2p.wire.quant`).
+        mode: ``"strict"`` (every partial, on the reliable channel), ``"strict-unreliable"``
+            (every partial, on the unreliable channel with FEC and Resend: the fair strict
+            baseline) or ``"halo"`` (relaxed synchronization).
     """
 
     KIND: ClassVar[int] = 8
@@ -320,8 +323,8 @@ class Plan(_Base):
     session: int
     model_sha256: str
     plan: dict[str, Any]
-    wire_dtype: Literal["float16", "float32"]
-    mode: Literal["strict", "halo"]
+    wire_dtype: Literal["float16", "float32", "q8_0"]
+    mode: Literal["strict", "strict-unreliable", "halo"]
 
     def check(self) -> str | None:
         sha = self.model_sha256
@@ -577,13 +580,13 @@ class SignalRefused(_Base):
     reason: str
 
 
-Message = (LayerInput | Partial | PartialParity | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
+Message = (LayerInput | Partial | Resend | NeedInput | Plan | PlanReady | Reset | Bye | ErrorReply
            | Heartbeat | HeartbeatAck | WeightsWanted | GroupTensor | WeightsDone | SignalOffer | SignalAnswer
            | SignalRefused)
 """Every message kind; dispatch with ``match`` and ``assert_never``."""
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    LayerInput, Partial, PartialParity, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
+    LayerInput, Partial, Resend, NeedInput, Plan, PlanReady, Reset, Bye, ErrorReply, Heartbeat,
     HeartbeatAck, WeightsWanted, GroupTensor, WeightsDone, SignalOffer, SignalAnswer, SignalRefused,
 )
 """Every message class, in KIND order."""
