@@ -206,7 +206,8 @@ async def swarm_engine(args: argparse.Namespace, model: LoadedModel) -> Engine |
     options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
     try:
         swarm = await open_swarm_engine(node, held, options, wait_s=args.wait_peers, max_workers=args.max_peers,
-                                        critical_fraction=args.critical_fraction, planner=args.planner)
+                                        critical_fraction=args.critical_fraction, planner=args.planner,
+                                        dynamic_placement=getattr(args, "dynamic_placement", False))
     except HaloError as exc:
         await node.aclose()
         log.warning("%s; running on this peer only", exc)

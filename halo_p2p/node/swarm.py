@@ -63,12 +63,15 @@ class SwarmEngine(ReplanningFacade):
 async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOptions, *, wait_s: float = 3.0,
                             max_workers: int | None = None, critical_fraction: float = 0.5,
                             connect_timeout_s: float = 10.0, dial_attempts: int = 2,
-                            planner: str = "schedule") -> SwarmEngine:
+                            planner: str = "schedule", dynamic_placement: bool = False) -> SwarmEngine:
     """Connect to the peers holding ``held`` and start a session over them.
 
     ``planner="schedule"`` places groups with the load-balancing scheduler (peers' measured
     compute rates and memory budgets, links' heartbeat RTT/jitter/PLR, the criticality
-    statistics); ``"split"`` shares groups by compute rate only.
+    statistics); ``"split"`` shares groups by compute rate only. ``dynamic_placement`` (``halo``
+    only): the coordinator computes a decode step's critical MLP groups of peers whose links
+    measured loss itself (:class:`~halo_p2p.model.shard.MlpTakeover`), at the cost of its own CPU;
+    off by default since answers carry FEC (docs/benchmarks.md §10).
 
     Raises:
         HaloError: no peer holding the model answered (run locally instead).
@@ -111,7 +114,7 @@ async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOpt
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
     own_rate = node.info.compute_gflops if node.info else 1.0
     weights = SliceWeights(source, layout)
-    takeover = MlpTakeover(SliceWeights(source, layout)) if options.mode == "halo" else None
+    takeover = MlpTakeover(SliceWeights(source, layout)) if options.mode == "halo" and dynamic_placement else None
 
     stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if scores is not None and predictor is None
              else GroupStats.default(layout, critical_fraction))
