@@ -27,6 +27,7 @@ from benchmarks.heldout import heldout_text
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.model.chat import Message
 from halo_p2p.model.loader import open_model
+from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
 from halo_p2p.net.link import Channel, LinkConditions
 from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
 from halo_p2p.node.library import file_sha256
@@ -66,6 +67,7 @@ async def run(args) -> dict:
            "delay_ms": args.delay_ms, "rto_ms": args.rto_ms, "local": {
                "tpot_ms": base_stats.tpot_ms, "perplexity": base_ppl.perplexity}, "runs": []}
     print(f"local: TPOT {base_stats.tpot_ms:.1f} ms, perplexity {base_ppl.perplexity:.4f}", file=sys.stderr)
+    set_compute_threads(SWARM_THREADS)     # 4 emulated peers, each a compute thread, as halo-peer does
     for plr in args.plrs:
         for mode in args.modes:
             link = LinkConditions(delay_s=args.delay_ms / 1000, rto_s=args.rto_ms / 1000)
