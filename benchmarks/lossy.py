@@ -2,7 +2,7 @@
 
 Real ``halo-peer join`` processes: device 0 (where the prompts run; it joins too) and 3 workers,
 the last one unstable. With root, each device is a network namespace on an emulated LAN
-(:class:`~halo_p2p.node.netns.NetnsLan`): every link 1 ms one-way, the unstable one the cell's
+(:class:`~halo_p2p.testbed.netns.NetnsLan`): every link 1 ms one-way, the unstable one the cell's
 PLR and delay. Else loopback peers: the unstable one drops a PLR share of the frames on its
 unreliable channel (halo's); strict's reliable channel and the delay are *not* emulated. A LAN's
 conditions are fixed at creation: one LAN and swarm per (PLR, delay) cell. Per cell, from device
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.heldout import heldout_text  # noqa: E402
 from halo_p2p.net.swarmkey import generate_swarm_key  # noqa: E402
-from halo_p2p.node.netns import DeviceLink, NetnsLan, available  # noqa: E402
+from halo_p2p.testbed.netns import DeviceLink, NetnsLan, available  # noqa: E402
 
 SMOLLM2 = REPO.parent / "shared" / "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = ("smollm2-135m-instruct", "stories260K")

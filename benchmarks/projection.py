@@ -1,6 +1,6 @@
 """Projected TPOT of strict vs halo synchronization on a Raspberry Pi cluster (discrete-event simulation).
 
-Simulates halo-p2p's wire protocol 2 (halo_p2p.sim) on 8 Raspberry Pi 4B on 1 GbE, with the CPU
+Simulates halo-p2p's wire protocol 2 (halo_p2p.testbed.sim) on 8 Raspberry Pi 4B on 1 GbE, with the CPU
 of halo-p2p's own Python network stack (measured here, scaled to a Pi core), groups placed by the
 load-balancing scheduler as the node places them, for TinyLlama-1.1B and Llama-2-7B at PLR
 0/1/5/10 % on every worker link, next to HALO's reported 3.41x (Zheng et al., INFOCOM 2026,
@@ -36,7 +36,7 @@ import numpy as np
 
 from halo_p2p.groups import GroupId
 from halo_p2p.plan import PlacementPlan
-from halo_p2p.sim import (
+from halo_p2p.testbed.sim import (
     LLAMA2_7B,
     NATIVE_STACK,
     RPI4_SCALE,
@@ -302,7 +302,7 @@ def calibrate_local(args: argparse.Namespace) -> dict:
     return {"measured_costs": {k: v for k, v in m.items() if k != "points"}, "points": m["points"], "rows": rows}
 
 
-# -- the network stack's CPU on this machine (halo_p2p.sim.cpu) -----------------------------------
+# -- the network stack's CPU on this machine (halo_p2p.testbed.sim.cpu) -----------------------------------
 
 _BURST_HDR = struct.Struct("!IHHHH")   # round, index, frames down, frames up, pause (us)
 _BURSTS = [(1, 1), (1, 5), (5, 1), (5, 5), (2, 3), (3, 2)]
@@ -452,7 +452,7 @@ def _protocol_cpu(dim: int, n_workers: int = 7, groups: int = 4, reps: int = 200
 
 
 def measure_cpu(args: argparse.Namespace) -> dict:
-    """The numbers behind halo_p2p.sim.cpu.X86_STACK, measured again on this machine."""
+    """The numbers behind halo_p2p.testbed.sim.cpu.X86_STACK, measured again on this machine."""
     link = {pause: asyncio.run(_link_cpu(args.cpu_rounds, 1100, pause)) for pause in (0, 3000)}
     proto = [_protocol_cpu(dim) for dim in (576, 2048, 4096)]
     for pause, r in link.items():
@@ -465,7 +465,7 @@ def measure_cpu(args: argparse.Namespace) -> dict:
               f"{1e6 * r['coordinator_send_s']:.0f} us per input sent, {1e6 * r['coordinator_recv_s']:.0f} us per "
               f"answer received; worker {1e6 * r['worker_in_s']:.0f} us per input, "
               f"{1e6 * r['worker_out_s']:.0f} us per answer")
-    print(f"halo_p2p.sim.cpu.X86_STACK in use: {X86_STACK}")
+    print(f"halo_p2p.testbed.sim.cpu.X86_STACK in use: {X86_STACK}")
     return {"link": link, "protocol": proto, "x86_stack": dataclasses.asdict(X86_STACK)}
 
 

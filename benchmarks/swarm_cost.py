@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.lossy import BOOT, CHAT_PROMPT, PINNED_GFLOPS, SMOLLM2, BenchError, _communicate, _stop  # noqa: E402
 from halo_p2p.net.swarmkey import generate_swarm_key  # noqa: E402
-from halo_p2p.node.netns import DeviceLink, NetnsLan, available  # noqa: E402
+from halo_p2p.testbed.netns import DeviceLink, NetnsLan, available  # noqa: E402
 
 PROMPT = "Once upon a time"
 JOIN_TIMEOUT_S, WAIT_PEERS_S, RUN_TIMEOUT_S = 120.0, 30.0, 900.0

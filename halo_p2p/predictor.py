@@ -33,6 +33,7 @@ import numpy as np
 
 from halo_p2p.errors import ConfigError, ModelFormatError
 from halo_p2p.groups import ATTN, MLP, PARTS, GroupLayout
+from halo_p2p.paths import user_cache_dir
 
 __all__ = [
     "FORMAT_VERSION",
@@ -397,11 +398,10 @@ def default_predictor_path(model_sha256: str) -> Path:
     """Where ``halo-peer calibrate`` saves the predictor of a model: the user cache.
 
     ``$XDG_CACHE_HOME/halo-p2p/predictors/<sha256>.npz`` (``~/.cache`` when ``XDG_CACHE_HOME``
-    is unset, empty or relative). The folder is not created here.
+    is unset, empty or relative: :func:`halo_p2p.paths.user_cache_dir`). The folder is not
+    created here.
     """
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "halo-p2p" / "predictors" / f"{model_sha256}.npz"
+    return user_cache_dir() / "predictors" / f"{model_sha256}.npz"
 
 
 def shipped_predictor_path(model_sha256: str) -> Path:

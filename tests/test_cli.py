@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from halo_p2p.groups import MLP
 from halo_p2p.model.llama2c_tokenizer import Llama2cTokenizer
-from halo_p2p.model.registry import resolve
-from tests.conftest import SMOLLM2_GGUF
+from halo_p2p.model.registry import KNOWN_MODELS, resolve
+from halo_p2p.predictor import Predictor, PredictorPolicy, shipped_predictor_path
 
 # karpathy/llama2.c test_all.py expected_stdout; run.c prints one more "\n" at the end.
 LLAMA2C_EXPECTED = (
@@ -34,14 +35,12 @@ def halo(*args: str, cache: Path | None = None, timeout: float = 240) -> subproc
 
 
 @pytest.fixture(scope="module")
-def cache_with_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An XDG cache where smollm2-135m-instruct is 'pulled' (a link to the shared file)."""
-    if not SMOLLM2_GGUF.exists():
-        pytest.skip("the shared SmolLM2 file is absent")
+def cache_with_smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    """An XDG cache where smollm2-135m-instruct is 'pulled' (a link to the file the suite uses)."""
     cache = tmp_path_factory.mktemp("xdg")
     models = cache / "halo-p2p" / "models"
     models.mkdir(parents=True)
-    (models / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
+    (models / smollm2_path.name).symlink_to(smollm2_path)
     return cache
 
 
@@ -100,13 +99,22 @@ def test_chat_answers_one_prompt(cache_with_smollm2: Path) -> None:
 
 @pytest.mark.slow
 def test_chat_on_an_emulated_swarm_shows_the_predictor_recall(cache_with_smollm2: Path) -> None:
+    """The live recall of the shipped predictor on text it was not calibrated on (this prompt and
+    its answer) is well above chance. At a quarter of the MLP groups critical chance is 0.25
+    and the predictor scores ~0.53 on held-out text (benchmarks/predictor_eval.md); at half, chance
+    is 0.5 and the predictor's 0.68 leaves too little room to tell it from a random ranking.
+    (Checked once with a random ranking in place of the predictor: recall 0.19-0.27.)"""
+    fraction = 0.25
+    predictor = Predictor.load(shipped_predictor_path(KNOWN_MODELS["smollm2-135m-instruct"].sha256))
+    k, n = PredictorPolicy(predictor, fraction).k[MLP], predictor.layout.n_mlp      # attention: all critical
+    chance = k / n
     out = halo("chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--emulate-peers", "3",
-               "--sync", "halo", "--planner", "split", cache=cache_with_smollm2)
+               "--sync", "halo", "--planner", "split", "--critical-fraction", str(fraction), cache=cache_with_smollm2)
     assert out.returncode == 0, out.stderr.decode()
     status = out.stdout.decode().replace("\n", " ").rsplit("[", 1)[-1]     # rich wraps the status line at spaces
     assert "3 peers (halo)" in status and "skipped groups/token" in status, status
     recall = float(status.split("predictor recall ")[1].split()[0])
-    assert 0.3 < recall <= 1.0, status          # well above chance (0.5 at k = n/2 would be a coin)
+    assert chance + 0.15 <= recall <= 1.0, (chance, status)
 
 
 def _one_line_error(out: subprocess.CompletedProcess[bytes], *needles: str) -> None:
@@ -129,11 +137,9 @@ def test_missing_model_file(tmp_path: Path) -> None:
                     "does not exist")
 
 
-def test_truncated_gguf(tmp_path: Path) -> None:
-    if not SMOLLM2_GGUF.exists():
-        pytest.skip("the shared SmolLM2 file is absent")
+def test_truncated_gguf(tmp_path: Path, smollm2_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
-    with SMOLLM2_GGUF.open("rb") as f:
+    with smollm2_path.open("rb") as f:
         cut.write_bytes(f.read(5_000_000))
     _one_line_error(halo("generate", "--model", str(cut), "--prompt", "x"), "truncated")
 

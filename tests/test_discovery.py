@@ -7,21 +7,11 @@ import logging
 
 import pytest
 
-from halo_p2p.discovery import base
-from halo_p2p.discovery.base import (
-    MODEL_TXT_KEYS,
-    PROTOCOL_VERSION,
-    TXT_STRING_MAX_BYTES,
-    Discovery,
-    PeerEvent,
-    PeerInfo,
-    decode_txt,
-    encode_txt,
-    model_entry,
-    txt_size,
-)
+from halo_p2p.discovery import Discovery, PeerEvent, PeerInfo, PeerSubscription, model_entry, table
+from halo_p2p.discovery.info import PROTOCOL_VERSION
 from halo_p2p.discovery.memory import MemoryDiscovery, MemoryNetwork
 from halo_p2p.discovery.static import CombinedDiscovery, StaticDiscovery, parse_peer_address
+from halo_p2p.discovery.txt import MODEL_TXT_KEYS, TXT_STRING_MAX_BYTES, decode_txt, encode_txt, txt_size
 from halo_p2p.errors import ConfigError, DiscoveryError
 
 SHA = "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
@@ -35,7 +25,7 @@ def peer(pid: str = "p1", *, port: int = 7001, host: str = "127.0.0.1", **kw: ob
     return PeerInfo(**fields)  # type: ignore[arg-type]
 
 
-async def next_event(events: base.PeerSubscription, timeout_s: float = 1.0) -> PeerEvent:
+async def next_event(events: PeerSubscription, timeout_s: float = 1.0) -> PeerEvent:
     async with asyncio.timeout(timeout_s):
         return await anext(events)
 
@@ -89,7 +79,7 @@ def test_txt_round_trip_with_str_and_bytes_keys() -> None:
 def test_txt_splits_models_and_truncates_a_prefix(caplog: pytest.LogCaptureFixture) -> None:
     models = tuple(model_entry(f"model-{i:03d}-" + "x" * 80, SHA) for i in range(12))  # 110 bytes each
     me = peer("x" * 48, name="é" * 31, models=models)
-    with caplog.at_level(logging.WARNING, logger="halo_p2p.discovery.base"):
+    with caplog.at_level(logging.WARNING, logger="halo_p2p.discovery.txt"):
         props = encode_txt(me)
     assert all(len(f"{k}={v}".encode()) <= TXT_STRING_MAX_BYTES for k, v in props.items())
     assert [k for k in props if k.startswith("m") and k != "mem"] == list(MODEL_TXT_KEYS)
@@ -253,7 +243,7 @@ async def test_memory_counts_malformed_records_and_never_crashes() -> None:
 
 
 async def test_subscription_drops_the_oldest_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(base, "EVENT_QUEUE_MAX", 2)
+    monkeypatch.setattr(table, "EVENT_QUEUE_MAX", 2)
     net = MemoryNetwork()
     a = MemoryDiscovery(net)
     await a.start(peer("a"))

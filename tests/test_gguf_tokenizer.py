@@ -40,7 +40,10 @@ def smol(smol_model: GgufModel) -> GgufTokenizer:
 
 def test_smollm2_ids_match_reference_tokenizer_json(smollm2_path: Path,
                                                      smol: GgufTokenizer) -> None:
-    ref = tokenizers.Tokenizer.from_file(str(smollm2_path.parent / "tokenizer.json"))
+    reference = smollm2_path.parent / "tokenizer.json"      # beside the shared file; a pulled model has none
+    if not reference.is_file():
+        pytest.skip(f"no reference {reference} (only ../shared has it)")
+    ref = tokenizers.Tokenizer.from_file(str(reference))
     for s in STRINGS:
         assert smol.encode(s) == ref.encode(s, add_special_tokens=False).ids, s
 

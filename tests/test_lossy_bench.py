@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import lossy
-from halo_p2p.node.netns import available
+from halo_p2p.testbed.netns import available
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from halo_p2p.discovery.base import SERVICE_TYPE, PeerEvent, PeerInfo, PeerSubscription, model_entry
+from halo_p2p.discovery import SERVICE_TYPE, PeerEvent, PeerInfo, PeerSubscription, model_entry
 from halo_p2p.discovery.mdns import MdnsDiscovery, all_interfaces_stay_local, interface_addresses
 from halo_p2p.errors import ConfigError, DiscoveryError
 
@@ -138,7 +138,7 @@ async def test_duplicate_id_is_refused_on_loopback() -> None:
 
 NS_SCRIPT = """
 import asyncio, json, sys, time
-from halo_p2p.discovery.base import PeerInfo
+from halo_p2p.discovery import PeerInfo
 from halo_p2p.discovery.mdns import MdnsDiscovery
 
 async def main(pid, host, prefix):

@@ -1,4 +1,4 @@
-"""The emulated LAN (halo_p2p.node.netns) and its userspace shim (halo_p2p.node.shim).
+"""The emulated LAN (halo_p2p.testbed.netns) and its userspace shim (halo_p2p.testbed.shim).
 
 The pure parts (frame classification, specs, nft rules) run anywhere. The rest builds real
 network namespaces and is skipped unless this is root on Linux with ``ip netns`` and
@@ -24,8 +24,8 @@ import pytest_asyncio
 
 from halo_p2p.errors import ConfigError, NetnsError
 from halo_p2p.net.link import LinkConditions
-from halo_p2p.node.netns import DeviceLink, NetnsLan, available, cleanup_stale
-from halo_p2p.node.shim import ShimSpec, TapEnd, is_udp, nft_hub_ruleset, parse_nft_counters
+from halo_p2p.testbed.netns import DeviceLink, NetnsLan, available, cleanup_stale
+from halo_p2p.testbed.shim import ShimSpec, TapEnd, is_udp, nft_hub_ruleset, parse_nft_counters
 
 PREFIX = f"ht{os.getpid() % 100000}"
 
@@ -175,8 +175,8 @@ def _stray_shim(prefix: str) -> subprocess.Popen[bytes]:
     """A shim as a crashed run would leave it: between namespaces ``PREFIX-p0`` and ``PREFIX-hub``."""
     spec = ShimSpec(prefix=prefix, device=TapEnd(tap=f"{prefix}t0d", netns=f"{prefix}-p0", name="lan0"),
                     hub=TapEnd(tap=f"{prefix}t0h", netns=f"{prefix}-hub", name="p0"))
-    shim = subprocess.Popen([sys.executable, "-m", "halo_p2p.node.shim", "--spec", spec.to_json(), "--prefix", prefix],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = [sys.executable, "-m", "halo_p2p.testbed.shim", "--spec", spec.to_json(), "--prefix", prefix]
+    shim = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert shim.stdout is not None and b"ready" in shim.stdout.readline()
     return shim
 
@@ -189,7 +189,7 @@ def _leftovers(prefix: str) -> list[str]:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"halo_p2p.node.shim" in args and prefix.encode() in args:
+        if b"halo_p2p.testbed.shim" in args and prefix.encode() in args:
             found.append(f"shim pid {cmdline.parent.name}")
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, timeout=10).stdout
     found += re.findall(rf"\d+: ({prefix}t\d+[dh])", links)

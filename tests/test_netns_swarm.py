@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from halo_p2p.node.netns import available
+from halo_p2p.testbed.netns import available
 from tests.test_swarm_integration import netns_run
 
 pytestmark = pytest.mark.slow

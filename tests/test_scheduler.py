@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from halo_p2p.discovery.base import PeerInfo
+from halo_p2p.discovery import PeerInfo
 from halo_p2p.errors import ConfigError, PlanError
 from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
 from halo_p2p.model.config import ModelConfig
@@ -19,8 +19,6 @@ from halo_p2p.scheduler import (
     UNLIMITED_BYTES,
     GroupStats,
     PeerModel,
-    Replanner,
-    ReplanPolicy,
     Schedule,
     SchedulerConfig,
     evaluate_plan,
@@ -346,50 +344,9 @@ def test_moved_groups_counts_owner_changes() -> None:
         moved_groups(a, PlacementPlan.split(other, ["c"]))
 
 
-def cluster(plr_b: float = 0.01, rtt_b: float = 1.0, with_d: bool = True) -> list[PeerModel]:
-    peers = [coord(10, FIXED + 120 * MB), worker("a", 10, 160 * MB, rtt_ms=1.0),
-             worker("b", 10, 160 * MB, rtt_ms=rtt_b, plr=plr_b), worker("d", 10, 160 * MB, rtt_ms=1.2)]
-    return peers if with_d else peers[:3]
-
-
-def test_replanner_hysteresis() -> None:
-    cfg = SchedulerConfig(coordinator_fixed_bytes=FIXED)
-    r = Replanner(LAYOUT, cluster(), config=cfg)
-    first = r.schedule
-    assert first.breakdown["b"].groups > 0
-    # small jitter of the measurements: no re-plan, no search
-    assert r.update(cluster(plr_b=0.015, rtt_b=1.3)) is None
-    assert r.schedule is first
-    # a big PLR change on a peer holding critical groups: re-planned, and better under the new conditions
-    # (0.3 would not do: its one-frame vectors are sent twice, so only 17 % of b's answers need a Resend)
-    new = r.update(cluster(plr_b=0.5))
-    assert new is not None and r.schedule is new and "PLR" in (r.last_reason or "")
-    old_now = evaluate_plan(first.plan, cluster(plr_b=0.5), config=cfg)
-    assert new.objective < 0.9 * old_now.objective
-    assert r.last_moved == moved_groups(first.plan, new.plan) > 0
-    # the same conditions again: nothing to do
-    assert r.update(cluster(plr_b=0.5)) is None
-
-
-def test_replanner_peer_leaving_and_memory() -> None:
-    cfg = SchedulerConfig(coordinator_fixed_bytes=FIXED)
-    r = Replanner(LAYOUT, cluster(), config=cfg)
-    first = r.schedule
-    gone = set(first.plan.groups_of("d"))
-    assert gone
-    new = r.update(cluster(with_d=False))
-    assert new is not None and "d" not in new.plan.peers and "left" in (r.last_reason or "")
-    assert r.last_moved >= len(gone)
-    # a budget cut that the running plan exceeds forces a re-plan even without a gain
-    peers = cluster(with_d=False)
-    peers[1] = worker("a", 10, new.breakdown["a"].memory_bytes - 15 * MB, rtt_ms=1.0)   # 35 MiB of slack in all
-    again = r.update(peers)
-    assert again is not None and again.breakdown["a"].memory_bytes <= peers[1].memory_budget_bytes
-    assert "memory budget" in (r.last_reason or "")
-
-
 def test_replanning_prefers_the_current_owners() -> None:
-    peers = cluster()
+    peers = [coord(10, FIXED + 120 * MB), worker("a", 10, 160 * MB, rtt_ms=1.0),
+             worker("b", 10, 160 * MB, rtt_ms=1.0, plr=0.01), worker("d", 10, 160 * MB, rtt_ms=1.2)]
     s = schedule(LAYOUT, peers)
     # relabel owners among interchangeable groups (default statistics: MLP groups are identical)
     owner = dict(s.plan.owner)
@@ -402,9 +359,6 @@ def test_replanning_prefers_the_current_owners() -> None:
     again = schedule(LAYOUT, peers, incumbent=shuffled)
     assert moved_groups(shuffled, again.plan) == 0
     assert again.objective == pytest.approx(s.objective)
-    # a forced re-plan with nothing better is not adopted
-    r = Replanner(LAYOUT, peers, policy=ReplanPolicy(min_gain=0.05))
-    assert r.update(peers, force=True) is None
 
 
 # -- the node's adapter ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from halo_p2p.errors import ConfigError
 from halo_p2p.groups import ATTN, MLP, GroupId
 from halo_p2p.plan import PlacementPlan
-from halo_p2p.sim import (
+from halo_p2p.testbed.sim import (
     LLAMA2_7B,
     RPI4_STACK,
     SMOLLM2_135M,
@@ -27,9 +27,9 @@ from halo_p2p.sim import (
     simulate,
     uniform_cluster,
 )
-from halo_p2p.sim.cluster import mlp_scores
-from halo_p2p.sim.cpu import RPI4_SCALE
-from halo_p2p.sim.framing import vector_frames
+from halo_p2p.testbed.sim.cluster import mlp_scores
+from halo_p2p.testbed.sim.cpu import RPI4_SCALE
+from halo_p2p.testbed.sim.framing import vector_frames
 from halo_p2p.wire.framing import answer_template, encode_frames, input_template
 from halo_p2p.wire.quant import wire_format
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from halo_p2p.node.netns import DeviceLink, NetnsLan
+from halo_p2p.testbed.netns import DeviceLink, NetnsLan
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"

@@ -22,6 +22,7 @@ import pytest
 from halo_p2p.errors import ConfigError, LinkClosed, TransportError
 from halo_p2p.net import sctp_tuning, webrtc
 from halo_p2p.net.link import Channel, Link, recv_timeout
+from halo_p2p.net.lossy import HeartbeatLoss, LossyLink
 from halo_p2p.net.signaling import connect
 from halo_p2p.net.swarmkey import generate_swarm_key, parse_swarm_key
 from halo_p2p.net.webrtc import Handshake, WebRtcLink, pin_host_addresses
@@ -250,6 +251,30 @@ async def test_heartbeats_measure_rtt_and_no_loss_and_stay_inside_the_link() -> 
             assert time.monotonic() - link.last_heard_s < 0.5
             assert st.unreliable.messages_delivered == 0 and st.unreliable.messages_sent == 0
         assert await recv_timeout(b, 0.1) is None   # heartbeats are never returned by recv
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_lossy_wrapper_loses_heartbeats_so_that_both_ends_measure_the_loss() -> None:
+    """LossyLink at one end (loopback swarms without namespaces): the heartbeats and acks it
+    loses are what both ends' loss estimates (FEC, deadlines) are made of."""
+    a, inner_b = await make_pair()                 # heartbeats every 0.1 s until the loss is measured
+    b = LossyLink(inner_b, plr=0.5, seed=5)
+    assert isinstance(inner_b, HeartbeatLoss)
+    try:
+        for _ in range(120):                       # a heartbeat counts as lost after 2 s; ~0.75 each way
+            if all((link.stats.measured_plr or 0) > 0.3 for link in (a, b)):
+                break
+            await asyncio.sleep(0.1)
+        assert all((link.stats.measured_plr or 0) > 0.3 for link in (a, b)), (a.stats, b.stats)
+        frames = [i.to_bytes(2, "big") * 50 for i in range(200)]
+        for frame in frames:
+            await a.send(Channel.UNRELIABLE, frame)
+        got = []
+        while (msg := await recv_timeout(b, 0.5)) is not None:
+            got.append(msg[1])
+        assert 60 < len(got) < 140 and b.dropped_received == 200 - len(got) and set(got) < set(frames)
     finally:
         await a.aclose()
         await b.aclose()

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from halo_p2p.errors import ConfigError
 from halo_p2p.net.swarmkey import generate_swarm_key
-from halo_p2p.node.netns import DeviceLink, NetnsLan, available
 from halo_p2p.profiles import PeerProfileSpec, load_swarm
+from halo_p2p.testbed.netns import DeviceLink, NetnsLan, available
 
 __all__ = ["add_swarm_parser", "cmd_swarm"]
 

@@ -1,11 +1,11 @@
 """Peer discovery on the LAN with multicast DNS and DNS-SD (RFC 6762, RFC 6763), via python-zeroconf.
 
 This is the only module that imports zeroconf. Each peer registers one service of type
-:data:`~halo_p2p.discovery.base.SERVICE_TYPE` named ``<instance_prefix><peer id>``: SRV for the
+:data:`~halo_p2p.discovery.txt.SERVICE_TYPE` named ``<instance_prefix><peer id>``: SRV for the
 signaling port, A records for the advertised addresses, TXT for the rest of its
-:class:`~halo_p2p.discovery.base.PeerInfo`. A browser watches the type; added or updated
+:class:`~halo_p2p.discovery.info.PeerInfo`. A browser watches the type; added or updated
 services are resolved (bounded by ``resolve_timeout_s``) and fed to a
-:class:`~halo_p2p.discovery.base.PeerTable`; goodbyes (TTL 0) and expired records remove them.
+:class:`~halo_p2p.discovery.table.PeerTable`; goodbyes (TTL 0) and expired records remove them.
 
 Timings measured on loopback (network-facts §4): registration takes ~1.2 s (probing and
 announcing, RFC 6762 §8); a browser finds a service already registered in 0.05–0.11 s and one
@@ -33,15 +33,9 @@ import ifaddr
 from zeroconf import InterfaceChoice, NonUniqueNameException, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from halo_p2p.discovery.base import (
-    DUPLICATE_ID_FIX,
-    SERVICE_TYPE,
-    PeerInfo,
-    PeerTable,
-    TableView,
-    decode_txt,
-    encode_txt,
-)
+from halo_p2p.discovery.info import PeerInfo
+from halo_p2p.discovery.table import DUPLICATE_ID_FIX, PeerTable, TableView
+from halo_p2p.discovery.txt import SERVICE_TYPE, decode_txt, encode_txt
 from halo_p2p.errors import ConfigError, DiscoveryError
 
 __all__ = ["MdnsDiscovery", "all_interfaces_stay_local", "interface_addresses"]
@@ -104,7 +98,7 @@ def _is_ip(text: str) -> bool:
 
 
 class MdnsDiscovery(TableView):
-    """Discovery over mDNS/DNS-SD, implementing :class:`~halo_p2p.discovery.base.Discovery`.
+    """Discovery over mDNS/DNS-SD, implementing :class:`~halo_p2p.discovery.protocol.Discovery`.
 
     Args:
         interfaces: IP addresses of the interfaces to use (e.g. ``["127.0.0.1"]``, or the result

@@ -1,8 +1,8 @@
-"""An in-process :class:`~halo_p2p.discovery.base.Discovery` for tests and emulation.
+"""An in-process :class:`~halo_p2p.discovery.protocol.Discovery` for tests and emulation.
 
 A :class:`MemoryNetwork` plays the LAN: every member publishes its record as the same TXT
-properties mDNS would carry (:func:`~halo_p2p.discovery.base.encode_txt`), and every other
-member decodes them (:func:`~halo_p2p.discovery.base.decode_txt`), so the TXT limits, the
+properties mDNS would carry (:func:`~halo_p2p.discovery.txt.encode_txt`), and every other
+member decodes them (:func:`~halo_p2p.discovery.txt.decode_txt`), so the TXT limits, the
 malformed-record handling and the admission rules (duplicate ids, protocol version) are the
 same as on a real network. Delivery is instant and synchronous: when ``start``, ``update`` or
 ``aclose`` returns, every member has its ``"added"``, ``"updated"`` or ``"removed"`` event.
@@ -18,13 +18,9 @@ import itertools
 import logging
 from collections.abc import Mapping
 
-from halo_p2p.discovery.base import (
-    PeerInfo,
-    PeerTable,
-    TableView,
-    decode_txt,
-    encode_txt,
-)
+from halo_p2p.discovery.info import PeerInfo
+from halo_p2p.discovery.table import PeerTable, TableView
+from halo_p2p.discovery.txt import decode_txt, encode_txt
 from halo_p2p.errors import ConfigError, DiscoveryError
 
 __all__ = ["MemoryDiscovery", "MemoryNetwork"]
@@ -68,7 +64,7 @@ class MemoryNetwork:
 
 
 class MemoryDiscovery(TableView):
-    """One member of a :class:`MemoryNetwork`, implementing :class:`~halo_p2p.discovery.base.Discovery`.
+    """One member of a :class:`MemoryNetwork`, implementing :class:`~halo_p2p.discovery.protocol.Discovery`.
 
     Args:
         network: the shared network.

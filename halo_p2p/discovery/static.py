@@ -2,7 +2,7 @@
 
 :class:`StaticDiscovery` is the fallback where multicast does not reach (routed networks, Wi-Fi
 with client isolation, containers). It knows only addresses, so it yields placeholder
-:class:`~halo_p2p.discovery.base.PeerInfo` records with ``static=True`` and
+:class:`~halo_p2p.discovery.info.PeerInfo` records with ``static=True`` and
 ``peer_id="static:HOST:PORT"``; the real identity is learned when connecting.
 :class:`CombinedDiscovery` merges the views of several discoveries (typically mDNS plus static);
 a static placeholder and the mDNS record of the same device have different ids, and the
@@ -19,15 +19,9 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
-from halo_p2p.discovery.base import (
-    PROTOCOL_VERSION,
-    Discovery,
-    DiscoveryStats,
-    PeerInfo,
-    PeerSubscription,
-    PeerTable,
-    TableView,
-)
+from halo_p2p.discovery.info import PROTOCOL_VERSION, PeerInfo
+from halo_p2p.discovery.protocol import Discovery
+from halo_p2p.discovery.table import DiscoveryStats, PeerSubscription, PeerTable, TableView
 from halo_p2p.errors import ConfigError
 
 __all__ = ["CombinedDiscovery", "StaticDiscovery", "parse_peer_address"]
@@ -87,7 +81,7 @@ def parse_peer_address(text: str) -> tuple[str, int]:
 
 
 class StaticDiscovery(TableView):
-    """Peers from a fixed list of addresses, implementing :class:`~halo_p2p.discovery.base.Discovery`.
+    """Peers from a fixed list of addresses, implementing :class:`~halo_p2p.discovery.protocol.Discovery`.
 
     Args:
         addresses: ``HOST:PORT`` strings (see :func:`parse_peer_address`); repeats are merged.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from halo_p2p.errors import ConfigError, ModelFormatError, ModelNotFound
+from halo_p2p.paths import user_cache_dir
 
 __all__ = [
     "KNOWN_MODELS",
@@ -164,12 +165,10 @@ class ModelListing:
 def cache_dir() -> Path:
     """The folder of pulled models: ``$XDG_CACHE_HOME/halo-p2p/models``.
 
-    ``XDG_CACHE_HOME`` defaults to ``~/.cache`` when unset, empty or relative (XDG Base
-    Directory spec). The folder is not created here.
+    ``XDG_CACHE_HOME`` defaults to ``~/.cache`` when unset, empty or relative
+    (:func:`halo_p2p.paths.user_cache_dir`). The folder is not created here.
     """
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "halo-p2p" / "models"
+    return user_cache_dir() / "models"
 
 
 def sha256_file(path: str | Path, progress: Progress | None = None, *,

@@ -1,6 +1,7 @@
 """Networking: the link seam between peers and its implementations."""
 
 from halo_p2p.net.link import Channel, ChannelStats, Link, LinkConditions, LinkStats, recv_timeout
+from halo_p2p.net.lossy import LossyLink
 from halo_p2p.net.memory import MemoryLink, memory_link_pair
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "Link",
     "LinkConditions",
     "LinkStats",
+    "LossyLink",
     "MemoryLink",
     "memory_link_pair",
     "recv_timeout",

@@ -160,7 +160,6 @@ class SignalingServer:
         read_timeout_s: longest wait for an offer, in seconds.
         handshake_timeout_s: longest wait for the channels to open after answering, in seconds.
         max_connections: connections handled at once; more are refused with code ``busy``.
-        link_options: keyword arguments for every :class:`~halo_p2p.net.webrtc.WebRtcLink`.
 
     Attributes:
         stats: counters for the peer's status view: ``refused_<code>`` per refusal
@@ -171,14 +170,13 @@ class SignalingServer:
 
     def __init__(self, peer_id: str, name: str, swarm_key: bytes, *, host: str, port: int = 0,
                  on_link: OnLink, read_timeout_s: float = 5.0, handshake_timeout_s: float = 10.0,
-                 max_connections: int = 32, link_options: dict[str, Any] | None = None) -> None:
+                 max_connections: int = 32) -> None:
         self.peer_id, self.name = peer_id, name
         self._key = swarm_key
         self._host, self._port = host, port
         self._on_link = on_link
         self._read_timeout_s, self._handshake_timeout_s = read_timeout_s, handshake_timeout_s
         self._max_connections = max_connections
-        self._link_options = dict(link_options or {})
         self._replay = ReplayGuard()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -281,7 +279,7 @@ class SignalingServer:
                 await write_frame(writer, answer)
             await _close(writer)
             link = await handshake.open(local_id=self.peer_id, remote_id=offer.peer_id,
-                                        timeout_s=self._handshake_timeout_s, **self._link_options)
+                                        timeout_s=self._handshake_timeout_s)
         except (TransportError, OSError, TimeoutError) as exc:
             self.stats["failed"] += 1
             log.warning("link with %r (%s) failed to open: %s", offer.peer_id, where, exc)

@@ -33,7 +33,9 @@ measure the RTT (smoothed as in RFC 6298, α = 1/8), its jitter (RFC 3550 §6.4.
 |difference| of consecutive RTTs, gain 1/16) and the loss rate (heartbeats among the last 50
 not acknowledged within 2 s; unknown, ``None``, until one is lost or 20 were acknowledged, and
 heartbeats go 5 times as often until then, so a new link knows within ~2 s whether it needs FEC); a
-link that hears nothing for ``dead_after_s`` closes itself.
+link that hears nothing for ``dead_after_s`` closes itself. Loss emulation on loopback is a
+wrapper, :class:`~halo_p2p.net.lossy.LossyLink`; it loses this link's heartbeats through
+:meth:`WebRtcLink.set_heartbeat_loss`, so the loss estimate sees the emulated loss.
 """
 
 from __future__ import annotations
@@ -43,11 +45,10 @@ import contextlib
 import ipaddress
 import logging
 import os
-import random
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import aioice.ice
@@ -324,7 +325,7 @@ class WebRtcLink:
                  dead_after_s: float = 3.0, max_unreliable_bytes: int = SCTP_FRAGMENT_BYTES,
                  unreliable_backlog_bytes: int = 64 << 10, reliable_high_water_bytes: int = 1 << 20,
                  reliable_low_water_bytes: int = 256 << 10, send_timeout_s: float = 10.0,
-                 max_inbox_messages: int = 8192, emulated_plr: float = 0.0, emulation_seed: int = 0) -> None:
+                 max_inbox_messages: int = 8192) -> None:
         if not (0 < heartbeat_interval_s < dead_after_s and send_timeout_s > 0
                 and 1 <= max_unreliable_bytes <= MAX_MESSAGE_BYTES and unreliable_backlog_bytes >= 0
                 and 0 <= reliable_low_water_bytes < reliable_high_water_bytes and max_inbox_messages >= 1):
@@ -340,12 +341,7 @@ class WebRtcLink:
         self._send_timeout_s = send_timeout_s
         self._max_inbox = max_inbox_messages
         self._stats = LinkStats()
-        if not 0 <= emulated_plr < 1:
-            raise ConfigError(f"emulated_plr {emulated_plr} outside [0, 1)", "use e.g. 0.05")
-        self._emulated_plr = emulated_plr
-        self._emulation_rng = random.Random(f"halo-webrtc-emulation/{emulation_seed}/{local_id}/{remote_id}")
-        """Loss emulation on loopback (no namespaces): unreliable frames, heartbeats included, are
-        dropped with this probability when sent and when received at this end."""
+        self._heartbeat_drop: Callable[[], bool] | None = None
         self.backlog_drops = 0
         """Unreliable sends dropped because the channel's backlog exceeded the cap (also in ``messages_lost``)."""
         self.inbox_drops = 0
@@ -426,6 +422,16 @@ class WebRtcLink:
         except (AttributeError, StopIteration, TypeError):
             return None
 
+    def set_heartbeat_loss(self, drop: Callable[[], bool] | None) -> None:
+        """Emulate the loss of this end's heartbeat traffic (:class:`~halo_p2p.net.lossy.LossyLink`).
+
+        ``drop()`` is asked once per ``Heartbeat`` / ``HeartbeatAck`` frame this end sends or
+        receives; ``True`` loses it (sent: never arrives; received: ignored, not even as a sign
+        of life). The loss estimates of both ends then include the emulated loss. ``None``
+        turns it off. Other frames are not affected: the wrapper loses them itself.
+        """
+        self._heartbeat_drop = drop
+
     def _closed_error(self) -> LinkClosed:
         return LinkClosed(f"link {self._local_id} -> {self._remote_id} is closed ({self.close_reason})")
 
@@ -454,10 +460,6 @@ class WebRtcLink:
                                  f"-byte limit of link {self._local_id} -> {self._remote_id}; chunk it")
             counters.messages_sent += 1
             counters.bytes_sent += len(data)
-            if self._emulated_plr and self._emulation_rng.random() < self._emulated_plr:
-                counters.messages_lost += 1
-                counters.bytes_lost += len(data)
-                return
             if self._act.bufferedAmount > self._backlog_cap:
                 counters.messages_lost += 1
                 counters.bytes_lost += len(data)
@@ -550,20 +552,22 @@ class WebRtcLink:
             return
         if isinstance(data, str):
             data = data.encode()
-        if channel is Channel.UNRELIABLE and self._emulated_plr and self._emulation_rng.random() < self._emulated_plr:
-            return
-        self._last_heard_s = time.monotonic()
+        msg: object = None
         if channel is Channel.UNRELIABLE and len(data) < 32 and data[:3] in _HB_PREFIXES:
             try:
                 msg = decode(data)
             except WireError:
                 msg = None
+        if isinstance(msg, Heartbeat | HeartbeatAck):
+            if self._heartbeat_drop is not None and self._heartbeat_drop():
+                return                        # emulated loss: never arrived, nothing heard
+            self._last_heard_s = time.monotonic()
             if isinstance(msg, Heartbeat):
                 self._send_internal(encode(HeartbeatAck(seq=msg.seq, sent_s=msg.sent_s)))
-                return
-            if isinstance(msg, HeartbeatAck):
+            else:
                 self._on_ack(msg)
-                return
+            return
+        self._last_heard_s = time.monotonic()
         if channel is Channel.UNRELIABLE and self._inbox.qsize() >= self._max_inbox:
             self.inbox_drops += 1
             return
@@ -576,7 +580,7 @@ class WebRtcLink:
         """Send a heartbeat frame unless the unreliable backlog is over the cap."""
         if self._closed or self._act.bufferedAmount > self._backlog_cap:
             return False
-        if self._emulated_plr and self._emulation_rng.random() < self._emulated_plr:
+        if self._heartbeat_drop is not None and self._heartbeat_drop():
             return True                       # emulated loss: sent, never arrives
         try:
             self._act.send(frame)

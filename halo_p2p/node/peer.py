@@ -23,6 +23,7 @@ from halo_p2p.engine.probe import measure_gflops
 from halo_p2p.errors import ConfigError
 from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
 from halo_p2p.net.link import Link
+from halo_p2p.net.lossy import LossyLink
 from halo_p2p.net.signaling import SignalingServer
 from halo_p2p.net.webrtc import pin_host_addresses
 from halo_p2p.node.library import ModelLibrary
@@ -120,9 +121,9 @@ class PeerNode:
         set_compute_threads(SWARM_THREADS)      # a share of each layer: extra threads only spin
         self.compute = ComputeThread(f"halo-{config.peer_id}", slowdown=config.slowdown)
         self.signaling = SignalingServer(config.peer_id, config.name, config.swarm_key, host=config.address,
-                                         port=config.port, on_link=self._on_link,
-                                         link_options={"emulated_plr": config.emulated_plr} if config.emulated_plr
-                                         else None)
+                                         port=config.port, on_link=self._on_link if not config.emulated_plr else
+                                         lambda link, remote: self._on_link(LossyLink(link, plr=config.emulated_plr),
+                                                                            remote))
         self.sessions: dict[int, ServedSession] = {}
         self.info: PeerInfo | None = None
         self._next = 0

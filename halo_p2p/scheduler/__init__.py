@@ -12,8 +12,8 @@ the objective and the algorithm.
   sync point) and :func:`evaluate_plan`; :mod:`~halo_p2p.scheduler.frames`: elements per frame of
   each wire format, from the session's own framing.
 * :mod:`~halo_p2p.scheduler.search`: :func:`schedule` and :func:`schedule_for_layout` (memory
-  allocation over the sync points); :mod:`~halo_p2p.scheduler.greedy`: one sync point.
-* :mod:`~halo_p2p.scheduler.replan`: :class:`Replanner` (hysteresis) and :func:`moved_groups`.
+  allocation over the sync points; a re-plan passes the running plan as ``incumbent``) and
+  :func:`moved_groups`; :mod:`~halo_p2p.scheduler.greedy`: one sync point.
 
 Reference: HALO (Zheng et al., "Semantic-Aware Distributed LLM Inference in Lossy Edge
 Network", INFOCOM 2026, arXiv 2601.11676; abstract only).
@@ -31,16 +31,13 @@ from halo_p2p.scheduler.model import (
     SchedulerConfig,
     peer_models_from,
 )
-from halo_p2p.scheduler.replan import Replanner, ReplanPolicy, moved_groups
-from halo_p2p.scheduler.search import order_peers, schedule, schedule_for_layout
+from halo_p2p.scheduler.search import moved_groups, order_peers, schedule, schedule_for_layout
 
 __all__ = [
     "UNLIMITED_BYTES",
     "GroupStats",
     "PeerLoad",
     "PeerModel",
-    "ReplanPolicy",
-    "Replanner",
     "Schedule",
     "SchedulerConfig",
     "evaluate_plan",

@@ -4,7 +4,7 @@
 * :class:`GroupStats`: per group, its mean importance and its probability of being critical.
 * :class:`SchedulerConfig`: bytes per parameter, fixed coordinator bytes, cost-model settings.
 * :class:`Schedule` and :class:`PeerLoad`: a placement with its predicted cost, per peer.
-* :func:`peer_models_from`: :class:`~halo_p2p.discovery.base.PeerInfo` records and
+* :func:`peer_models_from`: :class:`~halo_p2p.discovery.info.PeerInfo` records and
   :class:`~halo_p2p.net.link.LinkStats` -> :class:`PeerModel` s.
 
 The cost model itself is :mod:`halo_p2p.scheduler.cost`.
@@ -214,7 +214,7 @@ class SchedulerConfig:
         frame_tx_cpu_s, frame_rx_cpu_s, vector_tx_cpu_s, vector_rx_cpu_s, sync_cpu_s: CPU
             seconds of the network stack (every peer alike) per frame sent / received, per
             vector sent / received and per sync point a peer takes part in
-            (``halo_p2p.sim.cpu.StackCost``); the coordinator spends them for every worker it
+            (``halo_p2p.testbed.sim.cpu.StackCost``); the coordinator spends them for every worker it
             waits for, serially with its own compute. 0 (default): a free stack.
         max_recovery_attempts: cap of the expected Resend attempts ``P/(1-P)``.
         improve_rounds: local-improvement rounds per sync point.
@@ -338,7 +338,7 @@ def peer_models_from(infos: Iterable[Any], link_stats: Mapping[str, Any], *, coo
     """Build :class:`PeerModel` s from discovery records and link measurements (the node's adapter).
 
     Args:
-        infos: :class:`~halo_p2p.discovery.base.PeerInfo` records of every peer taking part,
+        infos: :class:`~halo_p2p.discovery.info.PeerInfo` records of every peer taking part,
             the coordinator's own included (read: ``peer_id``, ``compute_gflops``,
             ``memory_budget_bytes``, ``static``).
         link_stats: worker peer id -> :class:`~halo_p2p.net.link.LinkStats` of the link to it

@@ -16,6 +16,8 @@ Memory couples the sync points: a peer's budget is shared by all layers. Two rul
 Then each sync point is placed by :mod:`halo_p2p.scheduler.greedy` with actual statistics, and
 the result is scored by :func:`~halo_p2p.scheduler.cost.evaluate_plan`. Leftover coordinator
 room (knapsack granularity) may be used by any sync point as long as later reservations hold.
+A re-plan passes the running plan as ``incumbent`` (ties keep groups where they are);
+:func:`moved_groups` counts how many groups a re-plan moves.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from halo_p2p.scheduler.cost import CostModel, evaluate_plan
 from halo_p2p.scheduler.greedy import SyncState, greedy, improve
 from halo_p2p.scheduler.model import GroupStats, PeerModel, Schedule, SchedulerConfig
 
-__all__ = ["order_peers", "schedule", "schedule_for_layout"]
+__all__ = ["moved_groups", "order_peers", "schedule", "schedule_for_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,17 @@ def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, int, fl
                 break
         hull.append((k, value))
     return [(k0, k1, v0 - v1) for (k0, v0), (k1, v1) in itertools.pairwise(hull)]
+
+
+def moved_groups(old: PlacementPlan, new: PlacementPlan) -> int:
+    """Number of groups whose owner differs between ``old`` and ``new``.
+
+    Raises:
+        PlanError: the plans are for different layouts.
+    """
+    if old.layout != new.layout:
+        raise PlanError("cannot compare plans of different model layouts", "compare plans of one model")
+    return sum(1 for g, p in new.owner.items() if old.owner[g] != p)
 
 
 def schedule(layout: GroupLayout, peers: Iterable[PeerModel], stats: GroupStats | None = None,

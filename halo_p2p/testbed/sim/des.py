@@ -2,21 +2,21 @@
 
 It replays wire protocol 2 of :class:`~halo_p2p.session.coordinator.Coordinator` and
 :class:`~halo_p2p.session.worker.Worker` packet by packet on a placement from
-:mod:`halo_p2p.scheduler` (:func:`~halo_p2p.sim.cluster.place`). Per sync point the coordinator
+:mod:`halo_p2p.scheduler` (:func:`~halo_p2p.testbed.sim.cluster.place`). Per sync point the coordinator
 sends each worker holding groups there ONE input vector (Q8_0 by default) and computes its own
 groups; a worker computes once its input is complete and answers with ONE vector, the sum of its
-groups' partials (:mod:`halo_p2p.sim.framing` sizes both from the real encoder).
+groups' partials (:mod:`halo_p2p.testbed.sim.framing` sizes both from the real encoder).
 
-Resources are FIFO :class:`~halo_p2p.sim.cluster.Port` s per device: the NIC's egress and
+Resources are FIFO :class:`~halo_p2p.testbed.sim.cluster.Port` s per device: the NIC's egress and
 ingress (wire time per packet; the coordinator's ingress is where the answers converge) and the
 CPU, which runs model compute (``sync_overhead_s[part] + params * seconds_per_param``) and the
-network stack (:class:`~halo_p2p.sim.cpu.StackCost`: per frame sent / received, per vector, per
+network stack (:class:`~halo_p2p.testbed.sim.cpu.StackCost`: per frame sent / received, per vector, per
 sync point) one job at a time (``Cluster.stack_on_compute``; else the stack has a port of its own).
 
 * ``strict``: input and answer are reliable messages cut into packets. A lost packet arrives
   one RTO later, doubling per repeated loss (with ``fast_retransmit``: one RTT after the third
   later packet of the burst, RTO for tail losses); delivery is in order per direction
-  (head-of-line blocking, :class:`~halo_p2p.sim.cluster.ReliableStream`); the coordinator waits
+  (head-of-line blocking, :class:`~halo_p2p.testbed.sim.cluster.ReliableStream`); the coordinator waits
   for every answer.
 * ``strict-unreliable`` and ``halo``: one packet per chunk, each lost independently; XOR parity
   (``wire.vector.default_parity``) on links with loss, both ways; a worker missing input chunks
@@ -49,11 +49,11 @@ from halo_p2p.plan import PlacementPlan
 from halo_p2p.scheduler import Schedule
 from halo_p2p.session.criticality import StaticRule
 from halo_p2p.session.sync import ResponseTimer
-from halo_p2p.sim.cluster import COORDINATOR_ID, Cluster, mlp_scores, place
-from halo_p2p.sim.framing import VectorFrames, control_bytes, vector_frames
-from halo_p2p.sim.options import SimOptions, SimResult, SyncTrace
-from halo_p2p.sim.shapes import ModelShape
-from halo_p2p.sim.transport import Transport, Worker, missing_chunks, recoverable
+from halo_p2p.testbed.sim.cluster import COORDINATOR_ID, Cluster, mlp_scores, place
+from halo_p2p.testbed.sim.framing import VectorFrames, control_bytes, vector_frames
+from halo_p2p.testbed.sim.options import SimOptions, SimResult, SyncTrace
+from halo_p2p.testbed.sim.shapes import ModelShape
+from halo_p2p.testbed.sim.transport import Transport, Worker, missing_chunks, recoverable
 
 __all__ = ["SimOptions", "SimResult", "SyncTrace", "simulate"]
 
@@ -376,7 +376,7 @@ def simulate(shape: ModelShape, cluster: Cluster, options: SimOptions | None = N
         options: mode, seed and protocol settings.
         plan: a fixed placement (e.g. ``PlacementPlan.split``, as the in-process emulation uses),
             scored by the scheduler's cost model; default: the scheduler's placement.
-        scores: static MLP scores ``(n_layers, n_mlp)``; default :func:`~halo_p2p.sim.cluster.mlp_scores`.
+        scores: static MLP scores ``(n_layers, n_mlp)``; default :func:`~halo_p2p.testbed.sim.cluster.mlp_scores`.
 
     Returns:
         Per-token times and counts; the same for the same arguments (seeded).

@@ -1,6 +1,6 @@
 """The simulator's transport: per-device ports, the stack's CPU, unreliable frames and reliable messages.
 
-:class:`Transport` is the base of :class:`halo_p2p.sim.des._Sim`: it sends a burst of packets from
+:class:`Transport` is the base of :class:`halo_p2p.testbed.sim.des._Sim`: it sends a burst of packets from
 the coordinator to a worker or back (stack CPU, NIC egress, loss, latency, NIC ingress, stack
 CPU at the receiver), as unreliable frames each lost independently or as one reliable message
 with retransmission delays and in-order delivery. The protocol's reactions live in ``des``.
@@ -17,9 +17,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from halo_p2p.sim.cluster import Cluster, Port, ReliableStream
-from halo_p2p.sim.cpu import StackCost
-from halo_p2p.sim.framing import VectorFrames
+from halo_p2p.testbed.sim.cluster import Cluster, Port, ReliableStream
+from halo_p2p.testbed.sim.cpu import StackCost
+from halo_p2p.testbed.sim.framing import VectorFrames
 
 __all__ = ["Transport", "Worker", "missing_chunks", "recoverable"]
 

@@ -6,16 +6,16 @@ Distributed LLM Inference in Lossy Edge Network", INFOCOM 2026, arXiv 2601.11676
 groups placed by :mod:`halo_p2p.scheduler` and the run-time deadlines of
 :class:`~halo_p2p.session.sync.ResponseTimer`.
 
-* :mod:`~halo_p2p.sim.shapes`: model shapes (:class:`ModelShape`; SmolLM2-135M, TinyLlama-1.1B,
+* :mod:`~halo_p2p.testbed.sim.shapes`: model shapes (:class:`ModelShape`; SmolLM2-135M, TinyLlama-1.1B,
   Llama-2-7B, Llama-3-8B from their ``config.json``).
-* :mod:`~halo_p2p.sim.cluster`: :class:`Device`, :class:`LinkModel`, :class:`Cluster`, presets
+* :mod:`~halo_p2p.testbed.sim.cluster`: :class:`Device`, :class:`LinkModel`, :class:`Cluster`, presets
   (:func:`rpi4b`, :func:`rpi5`, :func:`gbe_link`), and the scheduler glue :func:`place`.
-* :mod:`~halo_p2p.sim.cpu`: the network stack's CPU cost (:class:`StackCost`), measured on this
+* :mod:`~halo_p2p.testbed.sim.cpu`: the network stack's CPU cost (:class:`StackCost`), measured on this
   machine and scaled to Raspberry Pi cores (:data:`RPI4_STACK`, :data:`RPI5_STACK`).
-* :mod:`~halo_p2p.sim.framing`: the frames of wire protocol 2, sized by the real encoder.
-* :mod:`~halo_p2p.sim.des`: :func:`simulate` (:class:`SimOptions` -> :class:`SimResult`, both in
-  :mod:`~halo_p2p.sim.options`), modes ``strict``, ``strict-unreliable`` and ``halo``, on the ports
-  and bursts of :mod:`~halo_p2p.sim.transport`.
+* :mod:`~halo_p2p.testbed.sim.framing`: the frames of wire protocol 2, sized by the real encoder.
+* :mod:`~halo_p2p.testbed.sim.des`: :func:`simulate` (:class:`SimOptions` -> :class:`SimResult`, both in
+  :mod:`~halo_p2p.testbed.sim.options`), modes ``strict``, ``strict-unreliable`` and ``halo``, on the ports
+  and bursts of :mod:`~halo_p2p.testbed.sim.transport`.
 
 ``benchmarks/projection.py`` prints the projected TPOT table; ``benchmarks/projection.md``
 lists every assumption with its source.
@@ -23,7 +23,7 @@ lists every assumption with its source.
 
 from __future__ import annotations
 
-from halo_p2p.sim.cluster import (
+from halo_p2p.testbed.sim.cluster import (
     Cluster,
     Device,
     LinkModel,
@@ -34,9 +34,9 @@ from halo_p2p.sim.cluster import (
     rpi5,
     uniform_cluster,
 )
-from halo_p2p.sim.cpu import NATIVE_STACK, RPI4_SCALE, RPI4_STACK, RPI5_STACK, X86_STACK, StackCost
-from halo_p2p.sim.des import SimOptions, SimResult, SyncTrace, simulate
-from halo_p2p.sim.shapes import LLAMA2_7B, LLAMA3_8B, SHAPES, SMOLLM2_135M, TINYLLAMA_1_1B, ModelShape
+from halo_p2p.testbed.sim.cpu import NATIVE_STACK, RPI4_SCALE, RPI4_STACK, RPI5_STACK, X86_STACK, StackCost
+from halo_p2p.testbed.sim.des import SimOptions, SimResult, SyncTrace, simulate
+from halo_p2p.testbed.sim.shapes import LLAMA2_7B, LLAMA3_8B, SHAPES, SMOLLM2_135M, TINYLLAMA_1_1B, ModelShape
 
 __all__ = [
     "LLAMA2_7B",

@@ -1,4 +1,4 @@
-"""The settings and results of a simulation (:func:`halo_p2p.sim.des.simulate`).
+"""The settings and results of a simulation (:func:`halo_p2p.testbed.sim.des.simulate`).
 
 Pure module: no I/O.
 """
@@ -11,7 +11,7 @@ import numpy as np
 
 from halo_p2p.errors import ConfigError
 from halo_p2p.scheduler import Schedule
-from halo_p2p.sim.cluster import Q40_BYTES_PER_PARAM
+from halo_p2p.testbed.sim.cluster import Q40_BYTES_PER_PARAM
 from halo_p2p.wire.messages import SYNC_MODES, WIRE_DTYPES
 
 __all__ = ["SimOptions", "SimResult", "SyncTrace"]
@@ -34,7 +34,7 @@ class SimOptions:
         initial_deadline_s: deadline before three responses are measured (s; ``SessionOptions``'
             0.5); ``None``: the scheduler's per-worker ``deadline_s``.
         stack_aware: the scheduler's cost model knows the network stack's CPU (off: as the node
-            schedules today, :func:`~halo_p2p.sim.cluster.place`).
+            schedules today, :func:`~halo_p2p.testbed.sim.cluster.place`).
         resend_interval_s, silence_gap_s: the coordinator's Resend pacing and silent gap (s).
         input_gap_s: a worker's wait for missing input chunks before ``NeedInput`` (s).
         drops: packets to lose, ``(token, layer, part, worker id, "in" | "out", index)``: the

@@ -3,7 +3,7 @@
 halo-p2p's transport is pure Python: aiortc's SCTP over pyOpenSSL DTLS, plus the project's own
 CBOR codec, Q8_0 quantization and chunk bookkeeping. On a Raspberry Pi this CPU is of the same
 order as the model's compute per sync point, so the simulator charges it to the devices
-(:class:`StackCost`, :attr:`halo_p2p.sim.cluster.Device.stack`).
+(:class:`StackCost`, :attr:`halo_p2p.testbed.sim.cluster.Device.stack`).
 
 Measured on this machine (2-vCPU Intel Xeon at 2.6 GHz, CPython 3.11.7, aiortc 1.16, with
 ``halo_p2p.net.sctp_tuning``'s delayed SACKs) by ``benchmarks/projection.py --measure-cpu``, five
@@ -101,7 +101,7 @@ RPI5_STACK = X86_STACK.scaled(RPI5_SCALE)
 """halo-p2p's stack on a Raspberry Pi 5."""
 
 FREE_STACK = StackCost()
-"""A network stack that costs no CPU (the default of :class:`~halo_p2p.sim.cluster.Device`)."""
+"""A network stack that costs no CPU (the default of :class:`~halo_p2p.testbed.sim.cluster.Device`)."""
 
 NATIVE_STACK = StackCost(frame_tx_s=5e-6, frame_rx_s=5e-6)
 """A native (kernel UDP/TCP) stack on a Raspberry Pi 4B: a Pi 4B moves 949 Mbit/s of 1500-byte

@@ -28,7 +28,7 @@ Loss-only links need no shim: :func:`nft_hub_ruleset` builds the nftables rules 
 random``) that drop UDP on the hub bridge, on the way in from a device's port and on the way out
 to it, so that loss is per direction and silent for the sender.
 
-Run: ``python -m halo_p2p.node.shim --spec JSON`` (see :class:`ShimSpec`).
+Run: ``python -m halo_p2p.testbed.shim --spec JSON`` (see :class:`ShimSpec`).
 """
 
 from __future__ import annotations
@@ -419,8 +419,8 @@ def parse_nft_counters(text: str) -> dict[str, dict[str, DirectionCounters]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m halo_p2p.node.shim --spec JSON [--prefix P]``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m halo_p2p.node.shim", description=__doc__.splitlines()[0])
+    """Entry point of ``python -m halo_p2p.testbed.shim --spec JSON [--prefix P]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m halo_p2p.testbed.shim", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="ShimSpec as JSON")
     parser.add_argument("--prefix", help="ignored; names the emulated LAN in the process list")
     ns = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 A :class:`Cluster` is a coordinator and workers, each worker joined to the coordinator by a
 :class:`LinkModel` (one switch hop, the same conditions both ways). A :class:`Device` computes a
 sync point in ``sync_overhead_s[part] + params * seconds_per_param`` and spends the CPU of its
-network stack (:class:`~halo_p2p.sim.cpu.StackCost`: per frame, per vector, per sync point) on
+network stack (:class:`~halo_p2p.testbed.sim.cpu.StackCost`: per frame, per vector, per sync point) on
 the same CPU, one job at a time (``Cluster.stack_on_compute``).
 
 Presets (every number's derivation is in ``benchmarks/projection.md``):
@@ -13,7 +13,7 @@ Presets (every number's derivation is in ``benchmarks/projection.md``):
   Pi 4B 8 GB, Llama 2 7B, 1312.50 ms/token; Raspberry Pi 5 8 GB, Llama 3 8B, 564 ms/token
   (b4rtaz/distributed-llama README, quoted in ``/work/shared/notes/anchors.md`` §2); the stack
   cost of halo-p2p's Python stack measured on this machine, scaled to the Pi's core
-  (:data:`~halo_p2p.sim.cpu.RPI4_STACK`, :data:`~halo_p2p.sim.cpu.RPI5_STACK`).
+  (:data:`~halo_p2p.testbed.sim.cpu.RPI4_STACK`, :data:`~halo_p2p.testbed.sim.cpu.RPI5_STACK`).
 * :func:`gbe_link`: 1 GbE through one switch: 125 MB/s line rate (a Raspberry Pi 4B saturates it,
   949 Mbit/s of TCP payload, tomcore.io "Raspberry PI 4B Network Performance"), 0.173 ms ping RTT
   through gigabit switches (Linux Magazine 165, "High-resolution network monitoring with ping"),
@@ -22,7 +22,7 @@ Presets (every number's derivation is in ``benchmarks/projection.md``):
 
 Also here: the simulator's queueing and transport primitives (:class:`Port`, a FIFO server;
 :class:`ReliableStream`, in-order delivery) and the scheduler glue (:func:`place`,
-:func:`mlp_scores`); the wire framing is :mod:`halo_p2p.sim.framing`.
+:func:`mlp_scores`); the wire framing is :mod:`halo_p2p.testbed.sim.framing`.
 
 Pure module: no I/O.
 """
@@ -41,8 +41,8 @@ from halo_p2p.groups import GroupLayout
 from halo_p2p.net.link import SCTP_FRAGMENT_BYTES
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.scheduler import GroupStats, PeerModel, Schedule, SchedulerConfig, evaluate_plan, schedule_for_layout
-from halo_p2p.sim.cpu import FREE_STACK, RPI4_STACK, RPI5_STACK, StackCost
-from halo_p2p.sim.shapes import LLAMA2_7B, LLAMA3_8B, ModelShape
+from halo_p2p.testbed.sim.cpu import FREE_STACK, RPI4_STACK, RPI5_STACK, StackCost
+from halo_p2p.testbed.sim.shapes import LLAMA2_7B, LLAMA3_8B, ModelShape
 
 __all__ = [
     "COORDINATOR_ID",
@@ -96,7 +96,7 @@ class Device:
     def __post_init__(self) -> None:
         _check("Device", "seconds_per_param", self.seconds_per_param)
         if not isinstance(self.stack, StackCost):
-            raise ConfigError(f"Device.stack = {self.stack!r}", "give a halo_p2p.sim.cpu.StackCost")
+            raise ConfigError(f"Device.stack = {self.stack!r}", "give a halo_p2p.testbed.sim.cpu.StackCost")
         if len(self.sync_overhead_s) != 2:
             raise ConfigError(f"Device.sync_overhead_s = {self.sync_overhead_s!r}", "give (attention, mlp) seconds")
         for value in self.sync_overhead_s:
@@ -235,7 +235,7 @@ def rpi4b(*, stack: StackCost = RPI4_STACK, memory_bytes: int = 6 << 30) -> Devi
 
     1312.50 ms/token for Llama 2 7B on one node (Q40, 4 threads) over its 6.607e9 matrix-vector
     parameters: 1.99e-10 s per parameter (0.199 s per billion). ``stack``: halo-p2p's Python stack
-    on a Pi 4B core (:data:`~halo_p2p.sim.cpu.RPI4_STACK`).
+    on a Pi 4B core (:data:`~halo_p2p.testbed.sim.cpu.RPI4_STACK`).
     """
     return Device("rpi4b", 1.3125 / LLAMA2_7B.matvec_params, memory_bytes, stack)
 
@@ -244,7 +244,7 @@ def rpi5(*, stack: StackCost = RPI5_STACK, memory_bytes: int = 6 << 30) -> Devic
     """Raspberry Pi 5 8 GB at distributed-llama's measured rate (6 GiB for weights by default).
 
     564 ms/token for Llama 3 8B on one node (Q40, 4 threads) over its 7.505e9 matrix-vector
-    parameters: 7.52e-11 s per parameter. ``stack``: :data:`~halo_p2p.sim.cpu.RPI5_STACK`.
+    parameters: 7.52e-11 s per parameter. ``stack``: :data:`~halo_p2p.testbed.sim.cpu.RPI5_STACK`.
     """
     return Device("rpi5", 0.564 / LLAMA3_8B.matvec_params, memory_bytes, stack)
 

@@ -9,7 +9,7 @@ Topology (``P`` is the prefix)::
 Device ``i`` lives in namespace ``P-p<i>`` with ``lo`` up and ``lan0`` at ``10.77.0.<i+10>/24``
 (multicast on, plus a ``224.0.0.0/4`` route so that multicast sends and IGMP joins without an
 explicit interface work, as mDNS needs). Its link to the bridge is chosen per device
-(:class:`DeviceLink`): a userspace shim (:mod:`halo_p2p.node.shim`) when it has delay or jitter,
+(:class:`DeviceLink`): a userspace shim (:mod:`halo_p2p.testbed.shim`) when it has delay or jitter,
 since the kernel has no netem; otherwise a veth, with nftables on the hub bridge dropping a
 ``plr`` fraction of the UDP coming from the device's port and of the UDP going to it (loss per
 direction, silent for the sender). ICMP, ARP, IGMP and TCP are never dropped. The bridge floods
@@ -41,7 +41,7 @@ from typing import Any
 
 from halo_p2p.errors import ConfigError, NetnsError
 from halo_p2p.net.link import LinkConditions
-from halo_p2p.node.shim import (
+from halo_p2p.testbed.shim import (
     NFT_TABLE,
     DirectionCounters,
     ShimSpec,
@@ -215,7 +215,7 @@ def cleanup_stale(prefix: str) -> list[str]:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"halo_p2p.node.shim" in args and any(a == b"--prefix" and b == prefix.encode()
+        if b"halo_p2p.testbed.shim" in args and any(a == b"--prefix" and b == prefix.encode()
                                                  for a, b in itertools.pairwise(args)):
             shims.append(int(cmdline.parent.name))
     _kill_pids(shims)
@@ -426,7 +426,7 @@ class NetnsLan:
         spec = ShimSpec(prefix=self.prefix, plr=dev.plr, delay_s=dev.delay_s, jitter_s=dev.jitter_s, seed=dev.seed,
                         device=TapEnd(tap=f"{self.prefix}t{i}d", netns=self.ns(i), name=IFACE),
                         hub=TapEnd(tap=f"{self.prefix}t{i}h", netns=self.hub_ns, name=f"p{i}"))
-        argv = [sys.executable, "-m", "halo_p2p.node.shim", "--spec", spec.to_json(), "--prefix", self.prefix]
+        argv = [sys.executable, "-m", "halo_p2p.testbed.shim", "--spec", spec.to_json(), "--prefix", self.prefix]
         path = os.environ.get("PYTHONPATH")
         env = {**os.environ, "PYTHONPATH": _PKG_ROOT + (os.pathsep + path if path else "")}
         proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
