@@ -257,7 +257,7 @@ class Predictor:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, allow_pickle=False, **arrays)
         os.replace(tmp, path)
         log.info("saved predictor for %s to %s", self.model_sha256[:12], path)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -255,8 +256,11 @@ class MdnsDiscovery(TableView):
         else:
             task = asyncio.get_running_loop().create_task(self._resolve(name, key), name=f"mdns-resolve-{name}")
             self._resolving[key] = task
-            task.add_done_callback(lambda t, k=key: self._resolving.pop(k, None) if self._resolving.get(k) is t
-                                   else None)
+            task.add_done_callback(functools.partial(self._resolved, key))
+
+    def _resolved(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(key) is task:
+            self._resolving.pop(key, None)
 
     async def _resolve(self, name: str, key: str) -> None:
         """Fetch the records of ``name`` and offer the decoded peer; again if it changed meanwhile."""

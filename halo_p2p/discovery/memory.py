@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping
 
 from halo_p2p.discovery.info import PeerInfo
 from halo_p2p.discovery.table import PeerTable, TableView
-from halo_p2p.discovery.txt import decode_txt, encode_txt
+from halo_p2p.discovery.txt import TxtProps, decode_txt, encode_txt
 from halo_p2p.errors import ConfigError, DiscoveryError
 
 __all__ = ["MemoryDiscovery", "MemoryNetwork"]
 
 log = logging.getLogger(__name__)
 
-Record = tuple[Mapping[bytes | str, bytes | str | None], str, int]
+Record = tuple[TxtProps, str, int]
 """A published record: TXT properties, host, port."""
 
 
@@ -43,7 +42,7 @@ class MemoryNetwork:
         """Published records by source name (a copy)."""
         return dict(self._records)
 
-    def publish(self, source: str, props: Mapping[bytes | str, bytes | str | None], host: str, port: int) -> None:
+    def publish(self, source: str, props: TxtProps, host: str, port: int) -> None:
         """Publish (or replace) the record of ``source`` and deliver it to every member.
 
         Members publish through :class:`MemoryDiscovery`; tests may call this directly to

@@ -82,7 +82,7 @@ class DiscoveryStats:
     events_dropped: int = 0
 
     def __iadd__(self, other: DiscoveryStats) -> DiscoveryStats:
-        for name in self.__slots__:  # type: ignore[attr-defined]
+        for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 

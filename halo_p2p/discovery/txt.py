@@ -17,9 +17,12 @@ from typing import Final
 from halo_p2p.discovery.info import PROTOCOL_VERSION, PeerInfo, validate_field
 from halo_p2p.errors import ConfigError, DiscoveryError
 
-__all__ = ["MODEL_TXT_KEYS", "SERVICE_TYPE", "TXT_STRING_MAX_BYTES", "decode_txt", "encode_txt", "txt_size"]
+__all__ = ["MODEL_TXT_KEYS", "SERVICE_TYPE", "TXT_STRING_MAX_BYTES", "TxtProps", "decode_txt", "encode_txt", "txt_size"]
 
 log = logging.getLogger(__name__)
+
+TxtProps = Mapping[str, str] | Mapping[bytes, bytes | None] | Mapping[bytes | str, bytes | str | None]
+"""A TXT record's properties: as :func:`encode_txt` builds them (str) or as zeroconf returns them (bytes)."""
 
 SERVICE_TYPE: Final = "_halo._tcp.local."
 """DNS-SD service type of a halo peer (RFC 6763 §7)."""
@@ -48,11 +51,12 @@ def encode_txt(info: PeerInfo) -> dict[str, str]:
         if len(f"{key}={joined}".encode()) <= TXT_STRING_MAX_BYTES:
             value = props[key] = joined
             continue
-        key = next(keys, None)
-        if key is None:
+        more = next(keys, None)
+        if more is None:
             log.warning("peer %s: announcing %d of %d models (the TXT record is full); dropped: %s",
                         info.peer_id, i, len(info.models), ", ".join(info.models[i:]))
             break
+        key = more
         value = props[key] = entry
     props.update(c=str(info.cores), mem=str(info.memory_budget_bytes), gf=repr(info.compute_gflops))
     return props
@@ -63,7 +67,7 @@ def txt_size(props: Mapping[str, str]) -> int:
     return sum(1 + len(f"{k}={v}".encode()) for k, v in props.items())
 
 
-def _norm_props(props: Mapping[bytes | str, bytes | str | None]) -> dict[str, bytes | str | None]:
+def _norm_props(props: TxtProps) -> dict[str, bytes | str | None]:
     """Lower-case ASCII keys (RFC 6763 §6.4: keys are case-insensitive); values stay as given."""
     out: dict[str, bytes | str | None] = {}
     for raw_key, raw in props.items():
@@ -83,7 +87,7 @@ _TXT_FIELDS: Final = (("name", "n"), ("models", "m"), ("cores", "c"), ("memory_b
 _FALLBACK: Final = {"models": (), "cores": 1, "memory_budget_bytes": 0, "compute_gflops": 0.0}
 
 
-def decode_txt(props: Mapping[bytes | str, bytes | str | None], host: str, port: int) -> PeerInfo:
+def decode_txt(props: TxtProps, host: str, port: int) -> PeerInfo:
     """Decode the TXT properties (as zeroconf gives them) of the peer reachable at ``host:port``.
 
     Keys of our :data:`PROTOCOL_VERSION` are checked strictly. For another version only ``v``

@@ -53,7 +53,7 @@ class ComputeThread:
             kind: names the kind of call whose duration is tracked (default: the function's
                 qualified name).
         """
-        kind = kind or getattr(fn, "__qualname__", "call")
+        kind = kind or str(getattr(fn, "__qualname__", "call"))
         t0 = time.perf_counter()
         cost = self._cost_s.get(kind)
         if inline_below_s is not None and cost is not None and cost < inline_below_s:

@@ -98,7 +98,7 @@ def flat_block(weights: GroupWeights | TensorSource, layout: GroupLayout, layer:
             parts = [weights.group(GroupId(layer, part, i)) for i in idx]
         w = {n: np.concatenate([g[n] for g in parts], axis=1 if n in ("wo", "w2") else 0) for n in names}
     else:
-        src: TensorSource = weights  # type: ignore[assignment]
+        src: TensorSource = weights
         p, runs, lay = f"layers.{layer}.", _runs(idx), layout
         if part == ATTN:
             q = [(lay.q_rows(a)[0], lay.q_rows(b - 1)[1]) for a, b in runs]
@@ -215,7 +215,7 @@ class BlockCache:
             if dtype != np.float32 or shape != out.shape or size != out.nbytes:
                 return self._damaged(path, f"of {dtype} {shape} with {size} data bytes, expected float32 "
                                            f"{out.shape} ({out.nbytes} bytes)")
-            view = memoryview(out).cast("B")
+            view = out.data.cast("B")
             done = 0
             while done < out.nbytes:
                 n = f.readinto(view[done:])

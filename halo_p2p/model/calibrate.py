@@ -23,7 +23,7 @@ import logging
 import sysconfig
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -152,8 +152,10 @@ def split_windows(token_ids: Sequence[int] | Sequence[Sequence[int]], window: in
     """
     if window < 2:
         raise ValueError(f"window of {window} tokens; use 2 or more")
-    seqs = [list(s) for s in token_ids] if token_ids and not isinstance(token_ids[0], int | np.integer) \
-        else [list(token_ids)]                                                                # type: ignore[arg-type]
+    if token_ids and not isinstance(token_ids[0], int | np.integer):
+        seqs = [list(cast(Sequence[int], s)) for s in token_ids]
+    else:
+        seqs = [list(cast(Sequence[int], token_ids))]
     out = [s[i:i + window] for s in seqs for i in range(0, len(s), window)]
     return [[int(i) for i in s] for s in out if len(s) >= 2]
 

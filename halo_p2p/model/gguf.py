@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -47,7 +47,7 @@ _GLOBAL_NAMES = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.wei
 _LAYER_NAMES = dict(zip(LAYER_TENSORS, ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                         "ffn_norm", "ffn_gate", "ffn_down", "ffn_up"), strict=True))
 _V = GGUFValueType
-_SCALARS = {t: struct.Struct(f) for t, f in (
+_SCALARS: dict[int, struct.Struct] = {t: struct.Struct(f) for t, f in (
     (_V.UINT8, "<B"), (_V.INT8, "<b"), (_V.UINT16, "<H"), (_V.INT16, "<h"), (_V.UINT32, "<I"),
     (_V.INT32, "<i"), (_V.FLOAT32, "<f"), (_V.BOOL, "<?"), (_V.UINT64, "<Q"), (_V.INT64, "<q"),
     (_V.FLOAT64, "<d"))}
@@ -269,8 +269,8 @@ class GgufModel:
 
     def tensor_types(self) -> dict[str, str]:
         """GGML type name (``"Q4_1"``, ``"F32"``...) of every canonical tensor present."""
-        return {n: self._tensors[gguf_tensor_name(n)].qtype.name
-                for n, _ in _expected_shapes(self._config)}
+        return {n: self._tensors[t].qtype.name for n, _ in _expected_shapes(self._config)
+                if (t := gguf_tensor_name(n)) is not None}
 
     def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Dequantize canonical tensor ``name`` (or rows ``[start, stop)`` of it) to float32.
@@ -336,7 +336,7 @@ def _tensor(path: Path, name: str, type_id: int, dims: tuple[int, ...], rel: int
 
 def _config(path: Path, arch: str, meta: dict[str, object],
             tensors: dict[str, _Tensor]) -> ModelConfig:
-    def get(key: str, kind: type, default: object = None) -> object:
+    def get(key: str, kind: type, default: object = None) -> Any:    # checked to be a ``kind`` below
         v = meta.get(f"{arch}.{key}", default)
         if v is None:
             raise ModelFormatError(f"GGUF file {path} has no metadata key {arch}.{key}",

@@ -163,10 +163,10 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str, source: str)
         log.warning("%s: unknown tokenizer.ggml.pre %r; splitting with the GPT-2 regex",
                     source, pre)
         regexes = (_GPT2,)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    if any(len(p) != 2 for p in pairs):
+    if any(" " not in m for m in merges):
         raise TokenizerError(f"{source} has a tokenizer.ggml.merges entry without a space", _FIX)
     try:
+        pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
         hf = HfTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs,
                                     ignore_merges=pre in _LLAMA3_FAMILY))
     except Exception as e:  # tokenizers raises plain Exception for merges outside the vocab

@@ -206,7 +206,7 @@ class PagedShard:
         t1 = time.perf_counter()
         try:
             self._prefetch(key)
-            self._attention = shard if part == ATTN else None
+            self._attention = shard if isinstance(shard, AttentionShard) else None
             out = fn(shard)
         finally:
             self._attention = None
@@ -242,15 +242,17 @@ class PagedShard:
         """
         with self._lock:
             load, wait = self._load_s, self._wait_s
-            return {
+            stats: dict[str, float | int | str] = {
                 "load_s_total": load, "wait_s_total": wait, "compute_s_total": self._compute_s,
                 "hidden_fraction": 1.0 - wait / load if load > 0 else 1.0,
                 "loads": self._prefetch_loads + self._inline_loads, "prefetch_loads": self._prefetch_loads,
                 "inline_loads": self._inline_loads, "hits": self._hits, "evictions": self._evictions,
                 "calls": self._calls, "resident_bytes": sum(b.nbytes for b in self._blocks.values()),
                 "peak_resident_bytes": self._peak, "budget_bytes": self.budget, "kv_bytes": self.kv_bytes(),
-                "total_block_bytes": sum(self.block_bytes.values()), "policy": self.policy,
-            } | dict(self._cache_counts)
+                "total_block_bytes": sum(self.block_bytes.values()), "policy": str(self.policy),
+            }
+            stats.update(self._cache_counts)
+            return stats
 
     def reset_stats(self) -> None:
         """Zero the counters and timers; the high-water mark restarts at the current bytes."""

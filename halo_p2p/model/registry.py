@@ -328,10 +328,10 @@ def list_models() -> list[ModelListing]:
     """
     rows: list[ModelListing] = []
     for m in KNOWN_MODELS.values():
-        path = m.path
+        path: Path | None = m.path
         if m.embedded is not None:
             status = "embedded"
-        elif path.is_file():
+        elif m.path.is_file():
             status = "downloaded"
         else:
             status, path = f"not downloaded — halo-peer pull {m.name}", None

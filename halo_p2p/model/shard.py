@@ -87,7 +87,7 @@ class GroupShard:
     def __init__(self, weights: GroupWeights | TensorSource, layout: GroupLayout, groups: Iterable[GroupId], *,
                  max_seq_len: int) -> None:
         if not hasattr(weights, "group"):
-            weights = SliceWeights(weights, layout)  # type: ignore[arg-type]
+            weights = SliceWeights(weights, layout)
         c = weights.config
         self.layout = layout
         self.max_seq_len = max_seq_len
@@ -100,7 +100,7 @@ class GroupShard:
         self.caches: dict[int, KVCache] = {}
         self.written: dict[int, int] = {}      # layer -> positions [0, n) hold valid keys
         for (layer, part), idx in self.index.items():
-            parts = [weights.group(GroupId(layer, part, i)) for i in idx]   # type: ignore[union-attr]
+            parts = [weights.group(GroupId(layer, part, i)) for i in idx]
 
             def cat(name: str, axis: int = 0, parts: list[dict[str, np.ndarray]] = parts) -> torch.Tensor:
                 return torch.from_numpy(np.ascontiguousarray(np.concatenate([w[name] for w in parts], axis=axis)))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final
 
 from aiortc.rtcdtlstransport import State as DtlsState
@@ -84,6 +84,7 @@ async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
     """Pass what ``coro`` yielded up to the driving task, and the task's answers down to ``coro``."""
+    step: Callable[[Any], Any]
     while True:
         try:
             sent = yield yielded
@@ -186,7 +187,8 @@ class _DelayedSack:
                 return
             self._unacked = 0
         elif self._unacked and kind in (_DATA, _FORWARD_TSN):
-            self._captured = captured = []
+            captured: list[Any] = []
+            self._captured = captured
             try:
                 await self._send_sack()          # aiortc builds the SACK and marks it sent
             finally:
@@ -302,7 +304,7 @@ class _InlineReceive:
         if data is not None:
             self._mailbox = None
             return data
-        return await self._recv()  # type: ignore[no-any-return]
+        return await self._recv()
 
     def data_received(self, data: bytes, component: int) -> None:
         dtls = self._dtls

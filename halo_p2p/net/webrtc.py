@@ -144,16 +144,19 @@ def _floor_congestion_window(pc: RTCPeerConnection, floor_bytes: int = CWND_FLOO
     *reliable* chunk still waits for fast retransmit or the 1 s timer (strict sync's cost).
     """
     sctp = pc.sctp
+    if sctp is None:
+        log.debug("no SCTP transport to tune")
+        return
     try:   # private, checked on aiortc 1.16: RTCSctpTransport._cwnd/_ssthresh, SACK and T3 handlers
-        on_sack, on_t3 = sctp._receive_sack_chunk, sctp._t3_expired  # type: ignore[union-attr]
-        sctp._cwnd = max(sctp._cwnd, floor_bytes)  # type: ignore[union-attr]
+        on_sack, on_t3 = sctp._receive_sack_chunk, sctp._t3_expired
+        sctp._cwnd = max(sctp._cwnd, floor_bytes)
     except AttributeError as exc:
         log.debug("cannot reach the SCTP congestion window (%s)", exc)
         return
 
     def floor() -> None:
-        sctp._cwnd = max(sctp._cwnd, floor_bytes)  # type: ignore[union-attr]
-        sctp._ssthresh = max(sctp._ssthresh, floor_bytes)  # type: ignore[union-attr]
+        sctp._cwnd = max(sctp._cwnd, floor_bytes)
+        sctp._ssthresh = max(sctp._ssthresh, floor_bytes)
 
     async def receive_sack(chunk: Any) -> None:
         await on_sack(chunk)
@@ -163,8 +166,8 @@ def _floor_congestion_window(pc: RTCPeerConnection, floor_bytes: int = CWND_FLOO
         on_t3()
         floor()
 
-    sctp._receive_sack_chunk = receive_sack  # type: ignore[union-attr]
-    sctp._t3_expired = t3_expired  # type: ignore[union-attr]
+    sctp._receive_sack_chunk = receive_sack  # type: ignore[method-assign]  # patching aiortc internals
+    sctp._t3_expired = t3_expired  # type: ignore[method-assign]
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
@@ -416,7 +419,7 @@ class WebRtcLink:
     def wire_bytes(self) -> tuple[int, int] | None:
         """``(sent, received)`` DTLS bytes on the wire (UDP payloads without ICE checks), or None if unknown."""
         try:
-            report = self._pc.sctp.transport._get_stats()   # private, aiortc 1.16
+            report = self._pc.sctp.transport._get_stats()  # type: ignore[union-attr]  # private, aiortc 1.16; None: caught
             stats = next(iter(report.values()))
             return int(stats.bytesSent), int(stats.bytesReceived)
         except (AttributeError, StopIteration, TypeError):
@@ -502,7 +505,7 @@ class WebRtcLink:
         if item is _CLOSED:
             self._inbox.put_nowait(_CLOSED)
             raise self._closed_error()
-        return item  # type: ignore[no-any-return]
+        return item
 
     async def drain(self) -> None:
         """Wait (polling every millisecond) until the unreliable backlog is under half the cap.

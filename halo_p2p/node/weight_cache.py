@@ -56,7 +56,7 @@ class DiskGroupCache:
         """Write one group's float32 slices atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path(gid).with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **tensors)
+        np.savez(tmp, allow_pickle=False, **tensors)
         os.replace(tmp, self.path(gid))
 
     def group(self, gid: GroupId) -> dict[str, np.ndarray]:

@@ -276,7 +276,7 @@ def _schedule(plan: PlacementPlan, cost: CostModel, sync_s: np.ndarray, counts: 
     lost_total = float(sum(lost))
     objective = tpot + (cfg.quality_weight_s * lost_total / total_imp if total_imp > 0 else 0.0)
     deadlines = {m.peer_id: max(deadline[p]) for p, m in enumerate(cost.peers)
-                 if not m.is_coordinator and sum(counts[p])}
+                 if not m.is_coordinator and any(counts[p])}
     return Schedule(plan, deadlines, tpot, lost_total, objective, breakdown, sync_s)
 
 

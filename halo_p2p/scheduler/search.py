@@ -107,7 +107,7 @@ def _coordinator_caps(cost: CostModel, stats: GroupStats, rooms: list[int], tota
         pc, imp = _representative(stats, part)
         step = max(1, math.ceil(n / _CURVE_POINTS))
         ks = sorted({*range(0, n + 1, step), n})
-        points = []
+        points: list[tuple[int, float, int]] = []
         for k in ks:
             if k + sum(caps_w) < n:
                 continue

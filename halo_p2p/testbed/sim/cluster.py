@@ -33,6 +33,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -360,13 +361,14 @@ def place(shape: ModelShape, cluster: Cluster, *, mode: str, scores: np.ndarray,
     layout = shape.layout()
     stats = GroupStats.from_mlp_scores(layout, scores, critical_fraction if mode == "halo" else 1.0)
     st = cluster.coordinator.stack
-    settings = {"bytes_per_param": bytes_per_param, "deadline_k": deadline_k, "deadline_floor_s": deadline_floor_s,
+    settings: dict[str, Any] = {
+                "bytes_per_param": bytes_per_param, "deadline_k": deadline_k, "deadline_floor_s": deadline_floor_s,
                 "wire_dtype": wire_dtype, "n_parity": 1 if fec and mode != "strict" else 0}
     if stack_aware:
         settings.update(frame_tx_cpu_s=st.frame_tx_s, frame_rx_cpu_s=st.frame_rx_s, vector_tx_cpu_s=st.vector_tx_s,
                         vector_rx_cpu_s=st.vector_rx_s, sync_cpu_s=st.sync_s)
     if plan is not None:
-        return evaluate_plan(plan, cluster.peer_models(), stats, SchedulerConfig(**settings))  # type: ignore[arg-type]
+        return evaluate_plan(plan, cluster.peer_models(), stats, SchedulerConfig(**settings))
     trunk = shape.classifier_params * (1 if shape.tied_embeddings else 2)
     return schedule_for_layout(layout, cluster.peer_models(), stats=stats,
                                coordinator_fixed_bytes=int(trunk * bytes_per_param), **settings)

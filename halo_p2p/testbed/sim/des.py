@@ -289,7 +289,7 @@ class _Sim(Transport):
         the burst's last packet)."""
         sp = self.syncs.get(s)
         mask = 0 if sp is None else sp.got.get(w.idx, 0)
-        at = None
+        at = 0.0
         for d, (_, _, k) in zip(self._arrive(w, False, frames), frames, strict=True):
             mask |= 1 << k
             at = d

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def vector_frames(dim: int, n_groups: int, *, kind: str, fmt: str = "q8_0", pari
     if kind == "in":
         template = input_template(_STEP["session"], _STEP["step"], _STEP["layer"], _STEP["part"], start_pos=1000,
                                   n_tokens=1, groups=groups, segments=(len(groups),), fmt=wf)
-        extra = {}
+        extra: dict[str, Any] = {}
     elif kind == "out":
         template = answer_template(_STEP["session"], _STEP["step"], _STEP["layer"], _STEP["part"],  # type: ignore[assignment]
                                    n_groups=len(groups), norms=norms, fmt=wf)
@@ -86,5 +87,5 @@ def vector_frames(dim: int, n_groups: int, *, kind: str, fmt: str = "q8_0", pari
 @functools.lru_cache(maxsize=8)
 def control_bytes() -> dict[str, int]:
     """Bytes of a ``Resend`` naming two chunks and of a ``NeedInput``."""
-    resend = Resend(**_STEP, chunks=(0, 1))  # type: ignore[arg-type]
-    return {"resend": len(codec.encode(resend)), "need": len(codec.encode(NeedInput(**_STEP)))}  # type: ignore[arg-type]
+    resend = Resend(**_STEP, chunks=(0, 1))
+    return {"resend": len(codec.encode(resend)), "need": len(codec.encode(NeedInput(**_STEP)))}

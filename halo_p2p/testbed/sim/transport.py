@@ -106,8 +106,11 @@ class Transport:
         drops: scripted losses, ``SimOptions.drops``.
         seed: seeds the loss streams.
 
-    Subclasses set ``n_sync`` (sync points per token) and define the handlers they pass.
+    Subclasses set ``n_sync`` (sync points per token), ``ctrl`` (bytes of each control message)
+    and define the handlers they pass.
     """
+
+    ctrl: dict[str, int]
 
     def __init__(self, cluster: Cluster, tokens: int, drops: tuple, seed: int) -> None:
         shared = Port() if cluster.shared_stack else None
@@ -232,7 +235,7 @@ class Transport:
             msg[1] = max(msg[1], d)
             if not msg[0]:
                 for handler, at in msg[3].complete(msg[2], msg[1]):
-                    self.push(at, *handler)  # type: ignore[misc]
+                    self.push(at, *handler)
 
     def _ctrl(self, w: Worker, down: bool, s: int, handler: object, *args: object) -> None:
         """One small unreliable control message (Resend down, NeedInput up)."""
