@@ -84,7 +84,7 @@ async def run(args) -> dict:
 
             def wire_bytes(sw=swarm) -> tuple[int, int]:   # (downlink, uplink) payload bytes, both channels
                 down = sum(link.stats[c].bytes_sent for link in sw.links.values() for c in Channel)
-                return down, sum(s["bytes_sent"] for node in sw.members for s in node.status()["served"])
+                return down, sum(s.bytes_sent for node in sw.members for s in node.status().served)
 
             try:
                 before = wire_bytes()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from rich.console import Console
 
+from halo_p2p.cli.peers import status_table
 from halo_p2p.discovery import MemoryDiscovery, MemoryNetwork
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.errors import HaloError
@@ -133,6 +135,11 @@ async def test_peer_nodes_over_memory_links_without_webrtc() -> None:
             assert engine.status().peers == ("m0", "m1", "m2")
             assert all(isinstance(link, MemoryLink) for link in engine.links.values())
             assert await _generate(engine, tok, "Once upon a time") == want
+            (served,) = nodes[1].status().served                 # the live view of a worker
+            assert served.coordinator == "m0" and served.groups > 0 and served.bytes_sent > 0
+            console = Console(record=True, width=200)
+            console.print(status_table(nodes[1]))
+            assert "coordinator of a session here" in console.export_text()
         finally:
             await engine.aclose()
         assert nodes[3].connector.stats["refused_auth"] == 1 and not nodes[3].sessions

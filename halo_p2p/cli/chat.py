@@ -37,6 +37,7 @@ class ChatApp:
     def __init__(self, model: LoadedModel, generator: Generator, params: SamplingParams, *,
                  system: str | None = None, console: Console | None = None) -> None:
         assert model.chat_template is not None
+        self.template = model.chat_template
         self.model, self.generator, self.params = model, generator, params
         self.console = console or Console(highlight=False)
         self.system = system
@@ -52,7 +53,7 @@ class ChatApp:
         """Stream the reply to ``text`` and add both to the history; returns the reply."""
         self.history.append(Message("user", text))
         system = [Message("system", self.system)] if self.system else []
-        prompt = self.model.chat_template.render([*system, *self.history], add_generation_prompt=True)
+        prompt = self.template.render([*system, *self.history], add_generation_prompt=True)
         ids = self.model.tokenizer.encode(prompt)
         pieces: list[str] = []
         engine = self.generator.engine

@@ -165,7 +165,7 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Split
                                       planner=setup.planner, dynamic=setup.dynamic_placement, predictor=predictor)
 
 
-def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
+def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """The per-token synchronization figures of a split model (empty for a local engine)."""
     if not isinstance(engine, SplitEngine):
         return {}
@@ -330,7 +330,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     table.add_row("decode TPOT median", f"{result.tpot_median_ms:.2f} ms")
     table.add_row("decode TPOT p95", f"{result.tpot_p95_ms:.2f} ms")
     table.add_row("decode speed", f"{result.decode_tokens_per_s:.1f} tokens/s")
-    table.add_row("weights (resident)", f"{figures['weight_bytes'] / 1e6:.1f} MB")
+    table.add_row("weights (resident)", f"{weights / 1e6:.1f} MB")
     table.add_row("peak RSS", f"{result.peak_rss_bytes / 1e6:.1f} MB")
     Console().print(table)
     return 0

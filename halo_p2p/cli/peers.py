@@ -25,6 +25,7 @@ from halo_p2p.node.peer import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     NodeConfig,
     PeerNode,
+    ServedStatus,
     choose_address,
     config_dir,
     load_peer_id,
@@ -105,13 +106,13 @@ async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix:
 
 def status_table(node: PeerNode) -> Table:
     st = node.status()
-    table = Table(title=f"halo-peer {st['name']} ({st['peer_id']}) at {st['address']}:{st['port']}",
-                  caption=f"models: {', '.join(st['models']) or '-'} · refused offers: {st['refused'] or 0}")
+    table = Table(title=f"halo-peer {st.name} ({st.peer_id}) at {st.address}:{st.port}",
+                  caption=f"models: {', '.join(st.models) or '-'} · refused offers: {dict(st.refused) or 0}")
     for col in ("peer", "address", "role", "models", "GFLOP/s", "groups", "RTT ms", "loss", "bytes out/in",
                 "TPOT ms (last tokens)"):
         table.add_column(col)
-    served = {s["coordinator"]: s for s in st["served"]}
-    for p in st["peers"]:
+    served = {s.coordinator: s for s in st.served}
+    for p in st.peers:
         s = served.pop(p.peer_id, None)
         table.add_row(p.name, p.address, "coordinator of a session here" if s else "peer",
                       ", ".join(m.split("@")[0] for m in p.models), f"{p.compute_gflops:.0f}", *_served(s))
@@ -120,14 +121,14 @@ def status_table(node: PeerNode) -> Table:
     return table
 
 
-def _served(s: dict | None) -> tuple[str, str, str, str, str]:
+def _served(s: ServedStatus | None) -> tuple[str, str, str, str, str]:
     if s is None:
         return "-", "-", "-", "-", "-"
-    rtt = f"{s['rtt_ms']:.1f}" if s["rtt_ms"] is not None else "-"
-    plr = f"{100 * s['plr']:.1f} %" if s["plr"] is not None else "-"
-    tpot = s["tpot_ms"]
+    rtt = f"{s.rtt_ms:.1f}" if s.rtt_ms is not None else "-"
+    plr = f"{100 * s.plr:.1f} %" if s.plr is not None else "-"
+    tpot = s.tpot_ms
     spark = f"{tpot[-1]:.0f} {sparkline(tpot, floor=None)}" if tpot else "-"
-    return str(s["groups"]), rtt, plr, f"{s['bytes_sent'] / 1e6:.1f}/{s['bytes_received'] / 1e6:.1f} MB", spark
+    return str(s.groups), rtt, plr, f"{s.bytes_sent / 1e6:.1f}/{s.bytes_received / 1e6:.1f} MB", spark
 
 
 async def cmd_join(args: argparse.Namespace) -> int:

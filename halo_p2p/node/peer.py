@@ -34,7 +34,9 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "ModelProvider",
     "NodeConfig",
+    "NodeStatus",
     "PeerNode",
+    "ServedStatus",
     "choose_address",
     "config_dir",
     "load_peer_id",
@@ -141,6 +143,53 @@ class ServedSession:
     since_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class ServedStatus:
+    """One coordinator this peer works for, as its link and worker count it.
+
+    Attributes:
+        coordinator: the coordinator's peer id.
+        groups: groups this peer computes for it.
+        rtt_ms, jitter_ms, plr: the link's heartbeat measurements (None until measured).
+        bytes_sent, bytes_received: payload bytes on both channels, this end.
+        counters: the worker's dropped / malformed / stale message counts.
+        tpot_ms: intervals between its last decode steps, in milliseconds.
+    """
+
+    coordinator: str
+    groups: int
+    rtt_ms: float | None
+    jitter_ms: float | None
+    plr: float | None
+    bytes_sent: int
+    bytes_received: int
+    counters: Mapping[str, int]
+    tpot_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A snapshot of a peer for the live view (``halo-peer join``).
+
+    Attributes:
+        peer_id, name: this peer.
+        address, port: where other peers dial it.
+        models: ``name@sha16`` of the models it offers.
+        peers: the other peers discovery shows, by name.
+        served: the coordinators it works for.
+        refused: the connector's counters (``accepted``, ``refused_<reason>``, ...).
+    """
+
+    peer_id: str
+    name: str
+    address: str
+    port: int
+    models: tuple[str, ...]
+    peers: tuple[PeerInfo, ...]
+    served: tuple[ServedStatus, ...]
+    refused: Mapping[str, int]
+
+
 class PeerNode:
     """One peer: registered in discovery, accepting links, running a worker per coordinator.
 
@@ -215,8 +264,8 @@ class PeerNode:
         """Resident weight bytes of the groups this peer computes for its coordinators."""
         return sum(s.worker.shard.weight_bytes() for s in self.sessions.values() if s.worker.shard is not None)
 
-    def status(self) -> dict[str, object]:
-        """A snapshot for the live view and ``halo-peer peers``."""
+    def status(self) -> NodeStatus:
+        """A snapshot for the live view."""
         served = []
         for s in self.sessions.values():
             st = s.link.stats
@@ -225,16 +274,15 @@ class PeerNode:
                 lay = s.worker.layout
                 held = sum(len(s.worker.shard.groups_at(layer, part)) for layer in range(lay.n_layers)
                            for part in (0, 1))
-            served.append({"coordinator": s.coordinator, "role": "worker", "groups": held,
-                           "rtt_ms": st.rtt_ms, "jitter_ms": st.jitter_ms, "plr": st.measured_plr,
-                           "bytes_sent": st.reliable.bytes_sent + st.unreliable.bytes_sent,
-                           "bytes_received": st.reliable.bytes_delivered + st.unreliable.bytes_delivered,
-                           "counters": dict(s.worker.counters),
-                           "tpot_ms": [1000 * t for t in s.worker.step_intervals_s]})
-        return {"peer_id": self.peer_id, "name": self.config.name, "address": self.connector.address,
-                "port": self.connector.port, "models": list(self.library.entries()),
-                "peers": sorted(self.discovery.peers().values(), key=lambda p: p.name),
-                "served": served, "refused": dict(self.connector.stats)}
+            served.append(ServedStatus(
+                coordinator=s.coordinator, groups=held, rtt_ms=st.rtt_ms, jitter_ms=st.jitter_ms,
+                plr=st.measured_plr, bytes_sent=st.reliable.bytes_sent + st.unreliable.bytes_sent,
+                bytes_received=st.reliable.bytes_delivered + st.unreliable.bytes_delivered,
+                counters=dict(s.worker.counters), tpot_ms=tuple(1000 * t for t in s.worker.step_intervals_s)))
+        return NodeStatus(peer_id=self.peer_id, name=self.config.name, address=self.connector.address,
+                          port=self.connector.port, models=self.library.entries(),
+                          peers=tuple(sorted(self.discovery.peers().values(), key=lambda p: p.name)),
+                          served=tuple(served), refused=dict(self.connector.stats))
 
     async def aclose(self) -> None:
         """Leave discovery, stop listening, end the served sessions, stop the compute thread; idempotent."""
