@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from halo_p2p.model.loader import open_model
 from halo_p2p.net.link import LinkConditions
-from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.node.emulate import start_emulated_swarm
+from halo_p2p.profiles import PeerProfile
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator
@@ -37,17 +38,18 @@ async def run(args: argparse.Namespace) -> dict:
     for planner in ("split", "schedule"):
         peers = [PeerProfile(name="coordinator", memory_budget_bytes=budget),
                  PeerProfile(name="w1x", slowdown=1, link=link, memory_budget_bytes=budget),
-                 PeerProfile(name="w0.5x", slowdown=2, link=link, memory_budget_bytes=budget),
-                 PeerProfile(name="w0.25x", slowdown=4, link=link, memory_budget_bytes=budget)]
+                 PeerProfile(name="w0_5x", slowdown=2, link=link, memory_budget_bytes=budget),  # ids: [A-Za-z0-9_-]
+                 PeerProfile(name="w0_25x", slowdown=4, link=link, memory_budget_bytes=budget)]
         swarm = await start_emulated_swarm(model.source, peers, SessionOptions(mode="strict", max_seq_len=512),
                                            planner=planner, critical="all")
         try:
             gen = Generator(swarm, tok)
             ids = tok.encode("The history of the printing press")
             _ = [e async for e in gen.stream(ids, SamplingParams(temperature=0, max_tokens=args.tokens))]
-            shares = {p: round(swarm.plan.share(p), 3) for p in swarm.plan.peers}
+            status = swarm.status()
+            shares = {p: round(share, 3) for p, share in status.shares().items()}
             out["runs"][planner] = {"tpot_ms": gen.stats.tpot_ms, "tpot_p95_ms": gen.stats.tpot_p95_ms,
-                                    "shares": shares, "weight_bytes": swarm.weight_bytes()}
+                                    "shares": shares, "weight_bytes": dict(status.weight_bytes or {})}
             print(planner, json.dumps(out["runs"][planner]), file=sys.stderr)
         finally:
             await swarm.aclose()

@@ -25,9 +25,10 @@ from benchmarks.heldout import heldout_text
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.model.loader import open_model
 from halo_p2p.net.link import LinkConditions
-from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.node.emulate import start_emulated_swarm
 from halo_p2p.node.library import file_sha256
 from halo_p2p.predictor import PredictorPolicy, load_predictor_for
+from halo_p2p.profiles import PeerProfile
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import perplexity
 
@@ -66,7 +67,7 @@ async def run(args: argparse.Namespace) -> dict:
                                            uplink_parity=parity)
         try:
             ppl = (await perplexity(swarm, ids, chunk_tokens=1)).perplexity
-            recs = swarm.coordinator.records
+            recs = swarm.status().records
             skipped = sum(r.skipped for r in recs) / len(recs)
             taken = sum(s.taken_over for r in recs for s in r.syncs) / len(recs)
             rebuilt = sum(s.recovered for r in recs for s in r.syncs) / len(recs)

@@ -29,9 +29,10 @@ from halo_p2p.model.chat import Message
 from halo_p2p.model.loader import open_model
 from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
 from halo_p2p.net.link import Channel, LinkConditions
-from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.node.emulate import start_emulated_swarm
 from halo_p2p.node.library import file_sha256
 from halo_p2p.predictor import PredictorPolicy, load_predictor_for
+from halo_p2p.profiles import PeerProfile
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator, perplexity
@@ -83,13 +84,13 @@ async def run(args) -> dict:
 
             def wire_bytes(sw=swarm) -> tuple[int, int]:   # (downlink, uplink) payload bytes, both channels
                 down = sum(link.stats[c].bytes_sent for link in sw.links.values() for c in Channel)
-                return down, sum(w.link.stats[c].bytes_sent for w in sw.workers for c in Channel)
+                return down, sum(s.bytes_sent for node in sw.members for s in node.status().served)
 
             try:
                 before = wire_bytes()
                 tokens, stats = await decode(swarm, tok, ids, args.tokens)
                 down, up = (a - b for a, b in zip(wire_bytes(), before, strict=True))
-                records = swarm.coordinator.records[1:]
+                records = swarm.status().records[1:]
                 ppl = None
                 if mode == "halo" and args.ppl_tokens:
                     ppl = (await perplexity(swarm, text_ids, chunk_tokens=1)).perplexity

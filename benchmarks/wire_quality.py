@@ -24,7 +24,8 @@ from benchmarks.heldout import heldout_text
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.model.loader import open_model
 from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
-from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.node.emulate import start_emulated_swarm
+from halo_p2p.profiles import PeerProfile
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import perplexity
 from halo_p2p.wire.messages import WIRE_DTYPES

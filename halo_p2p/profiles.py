@@ -1,10 +1,12 @@
-"""Peer profiles: what an emulated (or real) device is like, read from small TOML files.
+"""Peer profiles: what an emulated (or real) device is like, in code or read from small TOML files.
 
-A profile describes one device: its compute (torch threads, a memory budget, a slowdown relative
-to this machine, its share of the neuron groups) and its link (packet loss, one-way delay,
-jitter). ``peers/*.toml`` in the repository ships a few (``lan``, ``rpi4``, ``rpi5``,
-``flaky-wifi``, ``slow-laptop``); ``peers/README.md`` documents the format. A swarm file lists
-several peers, each a profile plus overrides::
+A :class:`PeerProfile` describes one device: its compute (torch threads, a memory budget, a
+slowdown relative to this machine, its share of the neuron groups) and its link (packet loss,
+one-way delay, jitter, as :class:`~halo_p2p.net.link.LinkConditions`). It is the one peer
+description of the emulated swarm (:func:`halo_p2p.node.emulate.start_emulated_swarm`), of
+``halo-peer swarm`` and of ``halo-peer join --profile``. ``peers/*.toml`` in the repository
+ships a few (``lan``, ``rpi4``, ``rpi5``, ``flaky-wifi``, ``slow-laptop``); ``peers/README.md``
+documents the format. A swarm file lists several peers, each a profile plus overrides::
 
     [[peer]]
     name = "pi-a"
@@ -21,7 +23,7 @@ import logging
 import math
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from halo_p2p.net.link import LinkConditions
 
 __all__ = [
     "PROFILE_KEYS",
-    "PeerProfileSpec",
+    "PeerProfile",
     "available_profiles",
     "load_profile",
     "load_swarm",
@@ -63,37 +65,34 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PeerProfileSpec:
-    """One peer as a profile describes it.
+class PeerProfile:
+    """One peer: its compute and its link.
 
     Attributes:
-        name: peer name (a profile file's default is its file name without ``.toml``).
+        name: peer name (a profile file's default is its file name without ``.toml``); an
+            emulated peer uses it as its peer id.
+        slowdown: compute time multiplier relative to this machine (``> 0``; 4.0 emulates a
+            device four times slower; the file key is ``compute_slowdown``).
+        memory_budget_bytes: most memory the peer may use for weights, in bytes; ``None`` is
+            unlimited.
+        share: relative share of the neuron groups (``>= 0``) for the ``split`` planner; ``None``
+            lets the planner decide (an emulated swarm then splits equally).
+        link: conditions of each direction of the peer's link (to the coordinator, in an emulated
+            swarm; ignored for the coordinator itself). The file keys are ``plr``, ``delay_ms``
+            and ``jitter_ms``.
         threads: torch threads to use; ``None`` keeps the engine's default.
-        memory_budget_bytes: most memory the peer may use for weights, in bytes; ``None`` is unlimited.
-        compute_slowdown: compute time multiplier relative to this machine (``> 0``; 4.0 emulates a
-            device four times slower).
-        share: relative share of the neuron groups (``>= 0``); ``None`` lets the planner decide.
-        plr: packet-loss rate of UDP packets on the peer's link, per direction, in ``[0, 1]``.
-        delay_ms: one-way delay of the link in milliseconds, ``>= 0``.
-        jitter_ms: extra one-way delay drawn from ``U(0, jitter_ms)`` per packet, in milliseconds.
         description: free text from the file.
-        profile: the profile the spec came from (a name or a path), or ``None``.
+        profile: the profile the peer came from (a name or a path), or ``None``.
     """
 
     name: str
-    threads: int | None = None
+    slowdown: float = 1.0
     memory_budget_bytes: int | None = None
-    compute_slowdown: float = 1.0
     share: float | None = None
-    plr: float = 0.0
-    delay_ms: float = 0.0
-    jitter_ms: float = 0.0
+    link: LinkConditions = field(default_factory=LinkConditions)
+    threads: int | None = None
     description: str = ""
     profile: str | None = None
-
-    def link_conditions(self) -> LinkConditions:
-        """The link conditions of one direction of this peer's link (delay and jitter in seconds)."""
-        return LinkConditions(plr=self.plr, delay_s=self.delay_ms / 1000.0, jitter_s=self.jitter_ms / 1000.0)
 
 
 def parse_bytes(value: object) -> int:
@@ -145,11 +144,19 @@ def _check(key: str, value: object) -> Any:
     return v
 
 
-_FIELD = {"memory_budget": "memory_budget_bytes"}
+_FIELD = {"memory_budget": "memory_budget_bytes", "compute_slowdown": "slowdown"}
+_LINK_FIELD = {"plr": "plr", "delay_ms": "delay_s", "jitter_ms": "jitter_s"}
+
+
+def _with(spec: PeerProfile, fields: dict[str, Any]) -> PeerProfile:
+    """``spec`` with validated file ``fields`` applied (link keys go into :attr:`PeerProfile.link`)."""
+    link = {_LINK_FIELD[k]: v if k == "plr" else v / 1000.0 for k, v in fields.items() if k in _LINK_FIELD}
+    rest = {_FIELD.get(k, k): v for k, v in fields.items() if k not in _LINK_FIELD}
+    return replace(spec, link=replace(spec.link, **link), **rest)
 
 
 def _fields(table: dict[str, Any], where: str, *, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Validate ``table``'s keys and values; return dataclass keyword arguments (``extra`` keys pass)."""
+    """Validate ``table``'s keys and values; return them by file key (``extra`` keys pass)."""
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key in extra:
@@ -158,7 +165,7 @@ def _fields(table: dict[str, Any], where: str, *, extra: tuple[str, ...] = ()) -
             raise ConfigError(f"{where}: unknown key {key!r}",
                               f"use one of {', '.join(PROFILE_KEYS)} (see peers/README.md)")
         try:
-            out[_FIELD.get(key, key)] = _check(key, value)
+            out[key] = _check(key, value)
         except ValueError:
             raise ConfigError(f"{where}: bad value {key} = {value!r}", f"use {PROFILE_KEYS[key]}") from None
     return out
@@ -216,7 +223,7 @@ def resolve_profile(path_or_name: str | Path, *, base: Path | None = None) -> Pa
                       f"use one of: {known}, or a path to a .toml file (searched {_REPO_PEERS} and ./peers)")
 
 
-def load_profile(path_or_name: str | Path) -> PeerProfileSpec:
+def load_profile(path_or_name: str | Path) -> PeerProfile:
     """Load one profile by bare name (``"rpi4"``) or path (``"peers/rpi4.toml"``).
 
     Args:
@@ -233,10 +240,10 @@ def load_profile(path_or_name: str | Path) -> PeerProfileSpec:
     data = _read_toml(path)
     fields = _fields(data, str(path))
     fields.setdefault("name", path.name.removesuffix(".toml"))
-    return PeerProfileSpec(profile=str(path_or_name), **fields)
+    return _with(PeerProfile(name=fields["name"], profile=str(path_or_name)), fields)
 
 
-def load_swarm(path: str | Path) -> list[PeerProfileSpec]:
+def load_swarm(path: str | Path) -> list[PeerProfile]:
     """Load a swarm file: ``[[peer]]`` tables, each a ``name``, an optional ``profile`` and overrides.
 
     A peer's ``profile`` is a bare name or a path relative to the swarm file; every other key is a
@@ -261,7 +268,7 @@ def load_swarm(path: str | Path) -> list[PeerProfileSpec]:
     peers = data.get("peer")
     if not isinstance(peers, list) or not peers or not all(isinstance(p, dict) for p in peers):
         raise ConfigError(f"{path}: no [[peer]] tables", 'add at least one: [[peer]] name = "a" profile = "lan"')
-    out: list[PeerProfileSpec] = []
+    out: list[PeerProfile] = []
     for n, table in enumerate(peers, 1):
         where = f"{path}: peer #{n}"
         name = table.get("name")
@@ -271,7 +278,7 @@ def load_swarm(path: str | Path) -> list[PeerProfileSpec]:
         overrides = _fields(table, where, extra=("profile",))
         prof = table.get("profile")
         if prof is None:
-            spec = PeerProfileSpec(name=overrides["name"])
+            spec = PeerProfile(name=overrides["name"])
         elif isinstance(prof, str) and prof:
             try:
                 spec = load_profile(resolve_profile(prof, base=path.parent))
@@ -280,7 +287,7 @@ def load_swarm(path: str | Path) -> list[PeerProfileSpec]:
             spec = replace(spec, profile=prof)
         else:
             raise ConfigError(f"{where}: bad value profile = {prof!r}", "use a profile name or a path to a .toml file")
-        spec = replace(spec, **overrides)
+        spec = _with(spec, overrides)
         if spec.name in {s.name for s in out}:
             raise ConfigError(f"{where}: the name is used twice", "give each [[peer]] its own name")
         out.append(spec)

@@ -178,6 +178,16 @@ def test_generate_on_emulated_peers_reports_sync_figures() -> None:
     assert set(split["weight_bytes"]) == {"coordinator", "worker1", "worker2"}
 
 
+def test_planner_flag_spells_the_planner_enum() -> None:
+    from halo_p2p.cli.main import build_parser
+    from halo_p2p.session.setup import Planner
+
+    for command in ("generate", "perplexity", "chat"):
+        sub = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices[command]
+        (flag,) = [a for a in sub._actions if "--planner" in a.option_strings]
+        assert tuple(flag.choices) == tuple(Planner) and flag.default == Planner.SCHEDULE
+
+
 def test_bad_split_flags() -> None:
     _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "3", "--shares", "1,2"),
                     "--shares has 2 values for 3 peers")

@@ -9,7 +9,7 @@ import pytest
 from halo_p2p.errors import ConfigError
 from halo_p2p.net.link import LinkConditions
 from halo_p2p.profiles import (
-    PeerProfileSpec,
+    PeerProfile,
     available_profiles,
     load_profile,
     load_swarm,
@@ -24,11 +24,9 @@ SHIPPED = ["lan", "rpi4", "rpi5", "flaky-wifi", "slow-laptop"]
 def test_shipped_profiles_load(name: str) -> None:
     spec = load_profile(name)
     assert spec.name == name
-    assert spec.compute_slowdown > 0
+    assert spec.slowdown > 0
     assert spec.description
-    cond = spec.link_conditions()
-    assert isinstance(cond, LinkConditions)
-    assert cond.plr == spec.plr and cond.delay_s == pytest.approx(spec.delay_ms / 1000)
+    assert isinstance(spec.link, LinkConditions)
     text = (REPO / "peers" / f"{name}.toml").read_text()
     assert text.startswith("#"), "each profile starts with a comment header"
 
@@ -37,23 +35,23 @@ def test_shipped_values() -> None:
     assert set(SHIPPED) <= set(available_profiles())
     assert "example" not in available_profiles() and "example.swarm" not in available_profiles()
     rpi4 = load_profile("rpi4")
-    assert (rpi4.threads, rpi4.memory_budget_bytes, rpi4.compute_slowdown) == (4, 3 << 30, 4.0)
-    assert load_profile("rpi5").compute_slowdown < rpi4.compute_slowdown
-    wifi = load_profile("flaky-wifi").link_conditions()
+    assert (rpi4.threads, rpi4.memory_budget_bytes, rpi4.slowdown) == (4, 3 << 30, 4.0)
+    assert load_profile("rpi5").slowdown < rpi4.slowdown
+    wifi = load_profile("flaky-wifi").link
     assert (wifi.plr, wifi.delay_s, wifi.jitter_s) == (0.05, 0.005, 0.01)
     lan = load_profile("lan")
-    assert (lan.plr, lan.delay_ms, lan.jitter_ms, lan.threads, lan.share) == (0.0, 0.0, 0.0, None, None)
+    assert (lan.link, lan.threads, lan.share) == (LinkConditions(), None, None)
 
 
 def test_load_by_path_and_default_name(tmp_path: Path) -> None:
     p = tmp_path / "mybox.toml"
     p.write_text('threads = 2\nmemory_budget = "512MiB"\nshare = 0.5\nplr = 0.1\ndelay_ms = 3\n')
     spec = load_profile(p)
-    assert spec == PeerProfileSpec(name="mybox", threads=2, memory_budget_bytes=512 << 20, share=0.5, plr=0.1,
-                                   delay_ms=3.0, profile=str(p))
+    assert spec == PeerProfile(name="mybox", threads=2, memory_budget_bytes=512 << 20, share=0.5,
+                               link=LinkConditions(plr=0.1, delay_s=0.003), profile=str(p))
     assert load_profile(str(p)).name == "mybox"
     assert load_profile("rpi4.toml").name == "rpi4"
-    assert spec.link_conditions().delay_s == pytest.approx(0.003)
+    assert spec.link.delay_s == pytest.approx(0.003)
 
 
 @pytest.mark.parametrize(("text", "needles"), [
@@ -123,19 +121,20 @@ profile = "local"
 """)
     peers = load_swarm(swarm)
     assert [p.name for p in peers] == ["host", "pi-a", "pi-b", "mine", "beside"]
-    assert peers[0] == PeerProfileSpec(name="host")
+    assert peers[0] == PeerProfile(name="host")
     rpi4 = load_profile("rpi4")
-    assert peers[1].plr == 0.05 and peers[1].compute_slowdown == rpi4.compute_slowdown
+    assert peers[1].link.plr == 0.05 and peers[1].slowdown == rpi4.slowdown
     assert peers[1].profile == "rpi4" and peers[1].threads == 4
-    assert (peers[2].delay_ms, peers[2].jitter_ms, peers[2].share, peers[2].plr) == (20.0, 1.0, 2.0, 0.0)
-    assert peers[3].compute_slowdown == 2.5 and peers[3].threads == 1
-    assert peers[4].compute_slowdown == 2.5
+    link = peers[2].link
+    assert (link.delay_s, link.jitter_s, peers[2].share, link.plr) == (0.02, 0.001, 2.0, 0.0)
+    assert peers[3].slowdown == 2.5 and peers[3].threads == 1
+    assert peers[4].slowdown == 2.5
 
 
 def test_shipped_example_swarm() -> None:
     peers = load_swarm(REPO / "peers" / "example.swarm.toml")
     assert len(peers) == 4 and peers[0].name == "host"
-    assert peers[3].link_conditions().delay_s == pytest.approx(0.005)
+    assert peers[3].link.delay_s == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize(("text", "needles"), [

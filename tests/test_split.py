@@ -19,9 +19,11 @@ from halo_p2p.model.llama2c_tokenizer import Llama2cTokenizer
 from halo_p2p.model.registry import resolve
 from halo_p2p.model.shard import GroupShard
 from halo_p2p.net.link import Channel, LinkConditions
-from halo_p2p.net.memory import memory_link_pair
-from halo_p2p.node.emulate import PeerProfile, start_emulated_swarm
+from halo_p2p.net.memory import MemoryLink, memory_link_pair
+from halo_p2p.node.emulate import start_emulated_swarm
+from halo_p2p.node.peer import PeerNode
 from halo_p2p.plan import PlacementPlan
+from halo_p2p.profiles import PeerProfile
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator
@@ -54,6 +56,11 @@ def _profiles(shares, link=None):
     return [PeerProfile(name=f"p{i}", share=s, link=link or LinkConditions()) for i, s in enumerate(shares)]
 
 
+def _workers(swarm) -> list[Worker]:
+    """The workers the emulated peers run for the swarm's coordinator, in peer order."""
+    return [s.worker for node in swarm.members for s in node.sessions.values()]
+
+
 @pytest.mark.parametrize("shares", [[1], [1, 1], [1, 2, 1], [2, 1, 1, 3], [0, 1, 1, 1]])
 async def test_strict_split_equals_one_peer_stories(stories, shares) -> None:
     source, tok = stories
@@ -64,11 +71,44 @@ async def test_strict_split_equals_one_peer_stories(stories, shares) -> None:
                                        SessionOptions(mode="strict", wire_dtype="float32", max_seq_len=512),
                                        critical="all")
     try:
-        tokens, logits = await _generate(swarm.coordinator, tok, "Once upon a time")
+        tokens, logits = await _generate(swarm, tok, "Once upon a time")
     finally:
         await swarm.aclose()
     assert tokens == want_tokens
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+
+
+async def test_emulated_swarm_is_real_peer_nodes_over_memory_links(stories) -> None:
+    """The emulation runs PeerNodes (discovery, connector, served sessions) coordinated like a real
+    swarm; a strict float32 split still equals the local engine's greedy tokens."""
+    source, tok = stories
+    local = LocalEngine(source, max_seq_len=512)
+    want, _ = await _generate(local, tok, "Once upon a time")
+    await local.aclose()
+    swarm = await start_emulated_swarm(source, _profiles([1, 2, 1], link=LinkConditions(delay_s=0.001)),
+                                       SessionOptions(mode="strict", wire_dtype="float32", max_seq_len=512),
+                                       critical="all")
+    members = swarm.members
+    try:
+        assert [n.peer_id for n in members] == ["p1", "p2"]
+        assert all(isinstance(n, PeerNode) for n in members)
+        assert all(isinstance(link, MemoryLink) for link in swarm.links.values())
+        for node in members:                                  # announced, found, dialed, serving
+            assert set(node.discovery.peers()) == {"p0", "p1", "p2"} - {node.peer_id}
+            assert node.connector.stats["accepted"] == 1
+            (served,) = node.sessions.values()
+            assert served.coordinator == "p0" and not served.task.done() and served.worker.shard is not None
+            assert isinstance(served.link, MemoryLink) and served.link.remote_id == "p0"
+        tokens, _ = await _generate(swarm, tok, "Once upon a time")
+        status = swarm.status()
+        assert status.peers == ("p0", "p1", "p2") and status.emulated
+        assert all(n.weight_bytes() > 0 for n in members)
+        assert status.weight_bytes["p1"] > status.weight_bytes["p2"]                  # shares 2 : 1
+        assert all(st.frames_received > 0 for st in status.links.values())
+    finally:
+        await swarm.aclose()
+    assert tokens == want
+    assert all(not n.sessions for n in members)                  # closing the engine stopped its peers
 
 
 @pytest.mark.slow
@@ -84,7 +124,7 @@ async def test_strict_split_equals_one_peer_smollm2(smollm2_path, shares) -> Non
                                        SessionOptions(mode="strict", wire_dtype="float32", max_seq_len=256),
                                        critical="all")
     try:
-        tokens, logits = await _generate(swarm.coordinator, tok, "The capital of France is", params)
+        tokens, logits = await _generate(swarm, tok, "The capital of France is", params)
     finally:
         await swarm.aclose()
     assert tokens == want_tokens
@@ -112,10 +152,10 @@ async def _halo_run(source, tok, seed: int, plr: float = 0.05, uplink_parity: bo
                                        uplink_parity=uplink_parity)
     try:
         async with asyncio.timeout(60):                  # never stalls
-            gen = Generator(swarm.coordinator, tok)
+            gen = Generator(swarm, tok)
             tokens = [e.token_id async for e in gen.stream(tok.encode("Once upon a time"),
                                                             SamplingParams(temperature=0, max_tokens=40))]
-        records = [r.as_dict() for r in swarm.coordinator.records]
+        records = [r.as_dict() for r in swarm.status().records]
     finally:
         await swarm.aclose()
     return tokens, records
@@ -168,14 +208,14 @@ async def test_fec_parity_only_on_links_not_measured_clean(stories, measured_plr
     source, tok = stories
     swarm = await start_emulated_swarm(source, _profiles([1, 1]),
                                        SessionOptions(mode="halo", wire_dtype="float16", max_seq_len=512))
-    worker = swarm.workers[0]
-    down = swarm.coordinator.links[worker.peer_id]
+    (worker,) = _workers(swarm)
+    down = swarm.links[worker.peer_id]
     for link in (down, worker.link):
         link.stats.measured_plr = measured_plr
     worker.link = up = _Count(worker.link)
-    swarm.coordinator.links[worker.peer_id] = down = _Count(down)
+    swarm.coordinator.links[worker.peer_id] = down = _Count(down)    # the coordinator's own map of its links
     try:
-        await _generate(swarm.coordinator, tok, "Tom and Sue")
+        await _generate(swarm, tok, "Tom and Sue")
     finally:
         await swarm.aclose()
     assert down.sent["LayerInput data"] > 0 and up.sent["Partial data"] > 0
@@ -219,11 +259,11 @@ async def test_malformed_partials_are_dropped_and_counted(stories) -> None:
     swarm = await start_emulated_swarm(source, _profiles([1, 1]),
                                        SessionOptions(mode="strict", wire_dtype="float16", max_seq_len=512),
                                        critical="all")
-    worker = swarm.workers[0]
+    (worker,) = _workers(swarm)
     worker.link = _Tamper(worker.link)
     try:
-        tokens, logits = await _generate(swarm.coordinator, tok, "Tom and Sue")
-        counters = dict(swarm.coordinator.counters)
+        tokens, logits = await _generate(swarm, tok, "Tom and Sue")
+        counters = dict(swarm.status().counters)
     finally:
         await swarm.aclose()
     assert counters["malformed"] > 0
@@ -249,7 +289,8 @@ async def test_lost_worker_is_replanned_without_hanging(stories, mode) -> None:
                 if len(tokens) == 10:
                     held_by_p2 = len(swarm.plan.groups_of("p2"))
                     await swarm.links["p2"].aclose()       # worker p2 vanishes mid-generation
-        replans, plan, moved = swarm.engine.replans, swarm.plan, swarm.engine.moved_groups
+        status = swarm.status()
+        replans, plan, moved = status.replans, status.plan, status.moved_groups
     finally:
         await swarm.aclose()
     assert len(tokens) == 30
@@ -290,7 +331,7 @@ async def test_live_recall_measures_the_policy(stories, best) -> None:
                                        policy=policy)
     try:
         await _generate(swarm, tok, "Once upon a time", SamplingParams(temperature=0, max_tokens=2 * NORM_EVERY_STEPS))
-        records = swarm.coordinator.records
+        records = swarm.status().records
     finally:
         await swarm.aclose()
     measured = [s.recall for r in records[1:] for s in r.syncs if s.recall is not None]
@@ -325,14 +366,14 @@ async def test_one_frame_each_way_per_worker_and_sync_point(stories, mode) -> No
     source, tok = stories
     options = SessionOptions(mode=mode, max_seq_len=512, initial_deadline_s=0.5, deadline_floor_s=0.2)   # no resends
     swarm = await start_emulated_swarm(source, _profiles([1, 1]), options)
-    worker = swarm.workers[0]
-    down = swarm.coordinator.links[worker.peer_id]
+    (worker,) = _workers(swarm)
+    down = swarm.links[worker.peer_id]
     for link in (down, worker.link):
         link.stats.measured_plr = 0.0
     worker.link = up = _Frames(worker.link)
-    swarm.coordinator.links[worker.peer_id] = down = _Frames(down)
+    swarm.coordinator.links[worker.peer_id] = down = _Frames(down)    # the coordinator's own map of its links
     try:
-        await _generate(swarm.coordinator, tok, "Tom and Sue", SamplingParams(temperature=0, max_tokens=6))
+        await _generate(swarm, tok, "Tom and Sue", SamplingParams(temperature=0, max_tokens=6))
         held = [len(worker.shard.groups_at(layer, part)) for layer in range(source.config.n_layers) for part in PARTS]
     finally:
         await swarm.aclose()

@@ -14,6 +14,7 @@ from halo_p2p.model.chat import Message
 from halo_p2p.model.loader import LoadedModel
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.generate import Generator
+from halo_p2p.session.replan import SplitEngine
 from halo_p2p.session.sync import mean_recall
 
 __all__ = ["ChatApp"]
@@ -36,6 +37,7 @@ class ChatApp:
     def __init__(self, model: LoadedModel, generator: Generator, params: SamplingParams, *,
                  system: str | None = None, console: Console | None = None) -> None:
         assert model.chat_template is not None
+        self.template = model.chat_template
         self.model, self.generator, self.params = model, generator, params
         self.console = console or Console(highlight=False)
         self.system = system
@@ -51,11 +53,11 @@ class ChatApp:
         """Stream the reply to ``text`` and add both to the history; returns the reply."""
         self.history.append(Message("user", text))
         system = [Message("system", self.system)] if self.system else []
-        prompt = self.model.chat_template.render([*system, *self.history], add_generation_prompt=True)
+        prompt = self.template.render([*system, *self.history], add_generation_prompt=True)
         ids = self.model.tokenizer.encode(prompt)
         pieces: list[str] = []
-        coordinator = getattr(self.generator.engine, "coordinator", None)
-        self._first_record = len(coordinator.records) if coordinator is not None else 0
+        engine = self.generator.engine
+        self._first_record = len(engine.status().records) if isinstance(engine, SplitEngine) else 0
         self.console.print(Text("assistant> ", style="bold green"), end="")
         try:
             async for event in self.generator.stream(ids, self.params):
@@ -78,22 +80,21 @@ class ChatApp:
         full = " · stopped: context full, /reset" if s.stop_reason == "context" else ""
         peers = "1 peer"
         tpot_spark = sparkline([1000 * d for d in s.decode_s], floor=None)
-        coordinator = getattr(self.generator.engine, "coordinator", None)
-        if coordinator is not None:
-            steps = coordinator.records[self._first_record:][1:]        # decode steps of this reply
+        engine = self.generator.engine
+        if isinstance(engine, SplitEngine):
+            st = engine.status()
+            steps = st.records[self._first_record:][1:]        # decode steps of this reply
             skipped = sum(r.skipped for r in steps) / len(steps) if steps else 0.0
-            mode = coordinator.options.mode
-            peers = (f"{len(coordinator.plan.peers)} peers ({mode}) · {skipped:.1f} skipped groups/token "
+            peers = (f"{len(st.peers)} peers ({st.mode}) · {skipped:.1f} skipped groups/token "
                      f"{sparkline([r.skipped for r in steps])}")
             recall = mean_recall(steps)
             if recall is not None:
                 peers += f" · predictor recall {recall:.2f}"
-            engine = getattr(self.generator.engine, "engine", None)
-            if getattr(engine, "replans", 0):
-                peers += f" · re-planned {engine.replans}x, {engine.moved_groups} groups moved"
+            if st.replans:
+                peers += f" · re-planned {st.replans}x, {st.moved_groups} groups moved"
         return (f"[{self.model.name} · {peers} · {len(s.token_ids)} tokens · {speed} · {tpot} {tpot_spark} · "
                 f"first token {1000 * s.prefill_s:.0f} ms · "
-                f"context {used}/{self.generator.engine.max_seq_len}{full}]")
+                f"context {used}/{engine.max_seq_len}{full}]")
 
     async def loop(self) -> None:
         """Read messages until /quit or end of input."""

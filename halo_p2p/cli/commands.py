@@ -23,12 +23,16 @@ from halo_p2p.model.pull import pull
 from halo_p2p.model.registry import KNOWN_MODELS, list_models
 from halo_p2p.model.threads import LOCAL_THREADS, SWARM_THREADS, set_compute_threads
 from halo_p2p.net.link import LinkConditions
-from halo_p2p.node.emulate import EmulatedSwarm, PeerProfile, start_emulated_swarm
+from halo_p2p.node.emulate import start_emulated_swarm
+from halo_p2p.node.library import file_sha256
+from halo_p2p.predictor import Predictor, load_predictor_for
+from halo_p2p.profiles import PeerProfile
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.bench import bench
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator, perplexity
-from halo_p2p.session.sync import mean_recall
+from halo_p2p.session.replan import SplitEngine
+from halo_p2p.session.setup import Critical, Planner, SessionSetup
 
 __all__ = ["run"]
 
@@ -109,7 +113,30 @@ async def make_engine(args: argparse.Namespace, model: LoadedModel) -> Engine:
     return await asyncio.to_thread(LocalEngine, model.source, max_seq_len=args.ctx, dtype=args.dtype)
 
 
-async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> EmulatedSwarm:
+async def session_setup(args: argparse.Namespace, model: LoadedModel, *,
+                        planner: Planner | str | None = None) -> tuple[SessionSetup, Predictor | None]:
+    """The split-model choices of the flags, the same for an emulated and a real swarm.
+
+    ``halo`` waits for the semantic-aware predictor's critical groups when this model has one
+    (calibrated or shipped, default group size), else for the static rule's; the strict modes
+    wait for every group.
+    """
+    predictor = None
+    if args.sync == "halo" and args.mlp_group_size is None:
+        predictor = load_predictor_for(await asyncio.to_thread(file_sha256, model.path))
+    setup = SessionSetup(planner=Planner.of(planner or args.planner),
+                         critical=Critical.PREDICTOR if args.sync == "halo" else Critical.ALL,
+                         critical_fraction=args.critical_fraction, mlp_group_size=args.mlp_group_size,
+                         dynamic_placement=args.dynamic_placement)
+    return setup, predictor
+
+
+def session_options(args: argparse.Namespace, model: LoadedModel) -> SessionOptions:
+    ctx = args.ctx or min(model.source.config.max_seq_len, 2048)
+    return SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
+
+
+async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> SplitEngine:
     n = args.emulate_peers
     set_compute_threads(SWARM_THREADS)              # N emulated peers, each a compute thread on its own share
     if n < 1:
@@ -131,51 +158,37 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Emula
         link = LinkConditions(plr=plr, delay_s=args.delay_ms / 1000, jitter_s=args.jitter_ms / 1000,
                               rto_s=args.rto_ms / 1000)
         profiles.append(PeerProfile(name="coordinator" if i == 0 else f"worker{i}", share=shares[i], link=link))
-    ctx = args.ctx or min(model.source.config.max_seq_len, 2048)
-    options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
-    planner = "split" if args.shares else args.planner
-    policy = None
-    if args.sync == "halo" and args.mlp_group_size is None:
-        from halo_p2p.node.library import file_sha256
-        from halo_p2p.predictor import PredictorPolicy, load_predictor_for
-
-        predictor = load_predictor_for(await asyncio.to_thread(file_sha256, model.path))
-        if predictor is not None:
-            policy = PredictorPolicy(predictor, args.critical_fraction, attn_critical=1.0)
-    return await start_emulated_swarm(model.source, profiles, options, mlp_group_size=args.mlp_group_size,
-                                      critical_fraction=args.critical_fraction, seed=args.link_seed, planner=planner,
-                                      dynamic=args.dynamic_placement, policy=policy)
+    setup, predictor = await session_setup(args, model, planner=Planner.SPLIT if args.shares else None)
+    return await start_emulated_swarm(model.source, profiles, session_options(args, model),
+                                      mlp_group_size=setup.mlp_group_size, critical=setup.critical,
+                                      critical_fraction=setup.critical_fraction, seed=args.link_seed,
+                                      planner=setup.planner, dynamic=setup.dynamic_placement, predictor=predictor)
 
 
-def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, object]:
-    """The per-token synchronization figures of an emulated split model (empty otherwise)."""
-    coordinator = getattr(engine, "coordinator", None)
-    if coordinator is None:
+def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """The per-token synchronization figures of a split model (empty for a local engine)."""
+    if not isinstance(engine, SplitEngine):
         return {}
-    records = [r.as_dict() for r in coordinator.records]
-    decode = records[1:] or records
-    emulated = isinstance(engine, EmulatedSwarm)
-    replanner = getattr(engine, "engine", None)        # the ReplanningEngine of a swarm
+    st = engine.status()
+    emulated = st.emulated
     return {"split": {
-        "peers": len(coordinator.plan.peers), "sync": args.sync,
-        "n_layers": coordinator.plan.layout.n_layers, "wire_dtype": coordinator.options.wire_dtype,
+        "peers": len(st.peers), "sync": args.sync,
+        "n_layers": st.plan.layout.n_layers, "wire_dtype": st.wire_dtype,
         "emulated": emulated,
         "plr": args.plr if emulated else None, "delay_ms": args.delay_ms if emulated else None,
-        "peer_ids": list(coordinator.plan.peers),
-        "weight_bytes": engine.weight_bytes() if emulated else None, "counters": dict(coordinator.counters),
-        "link_bytes": {peer: {"sent": link.stats.reliable.bytes_sent + link.stats.unreliable.bytes_sent,
-                              "received": link.stats.reliable.bytes_delivered + link.stats.unreliable.bytes_delivered,
-                              "frames_sent": link.stats.reliable.messages_sent + link.stats.unreliable.messages_sent,
-                              "frames_received": (link.stats.reliable.messages_delivered
-                                                  + link.stats.unreliable.messages_delivered),
-                              "rtt_ms": link.stats.rtt_ms, "measured_plr": link.stats.measured_plr}
-                       for peer, link in coordinator.links.items()},
-        "mean_wait_ms": sum(r["wait_ms"] for r in decode) / len(decode),
-        "mean_skipped_groups": sum(r["skipped_groups"] for r in decode) / len(decode),
-        "criticality_recall": mean_recall(coordinator.records),
-        "replans": getattr(replanner, "replans", 0),
-        "moved_groups": getattr(replanner, "moved_groups", 0),
-        "per_token": records,
+        "peer_ids": list(st.peers),
+        "weight_bytes": dict(st.weight_bytes) if st.weight_bytes is not None else None,
+        "counters": dict(st.counters),
+        "link_bytes": {peer: {"sent": ls.bytes_sent, "received": ls.bytes_received, "frames_sent": ls.frames_sent,
+                              "frames_received": ls.frames_received, "rtt_ms": ls.rtt_ms,
+                              "measured_plr": ls.measured_plr}
+                       for peer, ls in st.links.items()},
+        "mean_wait_ms": st.summary.mean_wait_ms,
+        "mean_skipped_groups": st.summary.mean_skipped_groups,
+        "criticality_recall": st.summary.criticality_recall,
+        "replans": st.replans,
+        "moved_groups": st.moved_groups,
+        "per_token": [r.as_dict() for r in st.records],
     }}
 
 
@@ -246,7 +259,6 @@ async def cmd_perplexity(args: argparse.Namespace) -> int:
 
 async def cmd_calibrate(args: argparse.Namespace) -> int:
     from halo_p2p.model.calibrate import run_calibration
-    from halo_p2p.node.library import file_sha256
     from halo_p2p.predictor import default_predictor_path
 
     text = await _read_text(Path(args.text_file))
@@ -318,7 +330,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     table.add_row("decode TPOT median", f"{result.tpot_median_ms:.2f} ms")
     table.add_row("decode TPOT p95", f"{result.tpot_p95_ms:.2f} ms")
     table.add_row("decode speed", f"{result.decode_tokens_per_s:.1f} tokens/s")
-    table.add_row("weights (resident)", f"{figures['weight_bytes'] / 1e6:.1f} MB")
+    table.add_row("weights (resident)", f"{weights / 1e6:.1f} MB")
     table.add_row("peak RSS", f"{result.peak_rss_bytes / 1e6:.1f} MB")
     Console().print(table)
     return 0

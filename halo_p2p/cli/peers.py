@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -17,15 +16,23 @@ from rich.table import Table
 from halo_p2p.cli.spark import sparkline
 from halo_p2p.discovery import CombinedDiscovery, Discovery, StaticDiscovery
 from halo_p2p.discovery.mdns import MdnsDiscovery, interface_addresses
-from halo_p2p.engine.protocol import Engine
 from halo_p2p.errors import ConfigError, HaloError
 from halo_p2p.model.loader import LoadedModel
+from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
 from halo_p2p.net.swarmkey import ENV_VAR, generate_swarm_key, load_swarm_key, save_swarm_key
 from halo_p2p.node.library import HeldModel, ModelLibrary, file_sha256
-from halo_p2p.node.peer import NodeConfig, PeerNode, choose_address, config_dir, load_peer_id
-from halo_p2p.node.swarm import SwarmEngine, open_swarm_engine
+from halo_p2p.node.peer import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    NodeConfig,
+    PeerNode,
+    ServedStatus,
+    choose_address,
+    config_dir,
+    load_peer_id,
+)
+from halo_p2p.node.swarm import open_swarm_engine
 from halo_p2p.profiles import load_profile
-from halo_p2p.session.coordinator import SessionOptions
+from halo_p2p.session.replan import SplitEngine
 
 __all__ = ["cmd_init", "cmd_join", "cmd_peers", "swarm_engine"]
 
@@ -67,10 +74,10 @@ async def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _profile_config(args: argparse.Namespace) -> tuple[float, int]:
-    slowdown, budget = 1.0, 2 << 30
+    slowdown, budget = 1.0, DEFAULT_MEMORY_BUDGET_BYTES
     if args.profile:
         spec = load_profile(args.profile)
-        slowdown = max(1.0, spec.compute_slowdown)
+        slowdown = max(1.0, spec.slowdown)
         budget = spec.memory_budget_bytes or budget
     return slowdown, budget
 
@@ -82,7 +89,8 @@ async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix:
     key = swarm_key(args)
     address = pick_address(args)
     peer_id = (args.peer_id if getattr(args, "peer_id", None) else load_peer_id()) + suffix
-    slowdown, budget = _profile_config(args) if hasattr(args, "profile") else (1.0, 2 << 30)
+    slowdown, budget = _profile_config(args) if hasattr(args, "profile") else (1.0, DEFAULT_MEMORY_BUDGET_BYTES)
+    set_compute_threads(SWARM_THREADS)      # a share of each layer: extra threads only spin
     budget = 0 if observer else budget
     config = NodeConfig(peer_id=peer_id, name=getattr(args, "name", None) or peer_id, address=address,
                         swarm_key=key, port=getattr(args, "port", 0), memory_budget_bytes=budget, slowdown=slowdown,
@@ -98,13 +106,13 @@ async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix:
 
 def status_table(node: PeerNode) -> Table:
     st = node.status()
-    table = Table(title=f"halo-peer {st['name']} ({st['peer_id']}) at {st['address']}:{st['port']}",
-                  caption=f"models: {', '.join(st['models']) or '-'} · refused offers: {st['refused'] or 0}")
+    table = Table(title=f"halo-peer {st.name} ({st.peer_id}) at {st.address}:{st.port}",
+                  caption=f"models: {', '.join(st.models) or '-'} · refused offers: {dict(st.refused) or 0}")
     for col in ("peer", "address", "role", "models", "GFLOP/s", "groups", "RTT ms", "loss", "bytes out/in",
                 "TPOT ms (last tokens)"):
         table.add_column(col)
-    served = {s["coordinator"]: s for s in st["served"]}
-    for p in st["peers"]:
+    served = {s.coordinator: s for s in st.served}
+    for p in st.peers:
         s = served.pop(p.peer_id, None)
         table.add_row(p.name, p.address, "coordinator of a session here" if s else "peer",
                       ", ".join(m.split("@")[0] for m in p.models), f"{p.compute_gflops:.0f}", *_served(s))
@@ -113,14 +121,14 @@ def status_table(node: PeerNode) -> Table:
     return table
 
 
-def _served(s: dict | None) -> tuple[str, str, str, str, str]:
+def _served(s: ServedStatus | None) -> tuple[str, str, str, str, str]:
     if s is None:
         return "-", "-", "-", "-", "-"
-    rtt = f"{s['rtt_ms']:.1f}" if s["rtt_ms"] is not None else "-"
-    plr = f"{100 * s['plr']:.1f} %" if s["plr"] is not None else "-"
-    tpot = s["tpot_ms"]
+    rtt = f"{s.rtt_ms:.1f}" if s.rtt_ms is not None else "-"
+    plr = f"{100 * s.plr:.1f} %" if s.plr is not None else "-"
+    tpot = s.tpot_ms
     spark = f"{tpot[-1]:.0f} {sparkline(tpot, floor=None)}" if tpot else "-"
-    return str(s["groups"]), rtt, plr, f"{s['bytes_sent'] / 1e6:.1f}/{s['bytes_received'] / 1e6:.1f} MB", spark
+    return str(s.groups), rtt, plr, f"{s.bytes_sent / 1e6:.1f}/{s.bytes_received / 1e6:.1f} MB", spark
 
 
 async def cmd_join(args: argparse.Namespace) -> int:
@@ -129,7 +137,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
     if not library.held:
         raise ConfigError("this peer holds no model", "pull one (halo-peer pull smollm2-135m-instruct) or pass --model")
     node = await start_node(args, library)
-    print(f"halo-peer: joined as {node.peer_id} ({node.config.name}) at {node.config.address}:{node.signaling.port}",
+    print(f"halo-peer: joined as {node.peer_id} ({node.config.name}) at {node.config.address}:{node.connector.port}",
           flush=True)
     try:
         if args.no_ui or not sys.stdout.isatty():
@@ -164,30 +172,14 @@ async def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(slots=True)
-class NodeEngine:
-    """A swarm engine together with the node it runs on (closed together)."""
-
-    swarm: SwarmEngine
-    node: PeerNode
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.swarm, name)
-
-    async def forward(self, token_ids, start_pos, *, all_logits=False):
-        return await self.swarm.forward(token_ids, start_pos, all_logits=all_logits)
-
-    async def aclose(self) -> None:
-        await self.swarm.aclose()
-        await self.node.aclose()
-
-
-async def swarm_engine(args: argparse.Namespace, model: LoadedModel) -> Engine | None:
-    """The discovered swarm as an engine, or ``None`` to run locally.
+async def swarm_engine(args: argparse.Namespace, model: LoadedModel) -> SplitEngine | None:
+    """The discovered swarm as an engine that owns this device's node, or ``None`` to run locally.
 
     Local when ``--local`` is given, when no swarm key exists (``halo-peer init`` not run), or
     when no peer holding the model answers within ``--wait-peers`` seconds.
     """
+    from halo_p2p.cli.commands import session_options, session_setup
+
     if args.local:
         return None
     try:
@@ -201,13 +193,11 @@ async def swarm_engine(args: argparse.Namespace, model: LoadedModel) -> Engine |
     held = HeldModel(model.name, digest, model)
     library = ModelLibrary([])
     library.held[digest] = held
+    setup, predictor = await session_setup(args, model)
     node = await start_node(args, library, suffix=f"-c{os.getpid()}")
-    ctx = args.ctx or min(model.source.config.max_seq_len, 2048)
-    options = SessionOptions(mode=args.sync, wire_dtype=args.wire_dtype, max_seq_len=ctx)
     try:
-        swarm = await open_swarm_engine(node, held, options, wait_s=args.wait_peers, max_workers=args.max_peers,
-                                        critical_fraction=args.critical_fraction, planner=args.planner,
-                                        dynamic_placement=getattr(args, "dynamic_placement", False))
+        return await open_swarm_engine(node, held, session_options(args, model), setup, wait_s=args.wait_peers,
+                                       max_workers=args.max_peers, predictor=predictor, own_node=True)
     except HaloError as exc:
         await node.aclose()
         log.warning("%s; running on this peer only", exc)
@@ -215,4 +205,3 @@ async def swarm_engine(args: argparse.Namespace, model: LoadedModel) -> Engine |
     except BaseException:
         await node.aclose()
         raise
-    return NodeEngine(swarm, node)

@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from halo_p2p.errors import ConfigError
+from halo_p2p.net.link import LinkConditions
 from halo_p2p.net.swarmkey import generate_swarm_key
-from halo_p2p.profiles import PeerProfileSpec, load_swarm
+from halo_p2p.profiles import PeerProfile, load_swarm
 from halo_p2p.testbed.netns import DeviceLink, NetnsLan, available
 
 __all__ = ["add_swarm_parser", "cmd_swarm"]
@@ -36,16 +37,19 @@ def add_swarm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
 
 
-def _specs(args: argparse.Namespace) -> list[PeerProfileSpec]:
+def _specs(args: argparse.Namespace) -> list[PeerProfile]:
     if args.swarm_file:
         return load_swarm(args.swarm_file)
     if args.peers < 1 or not 0 <= args.plr < 1:
         raise ConfigError(f"--peers {args.peers} / --plr {args.plr}", "use --peers >= 1 and --plr in [0, 1)")
-    return [PeerProfileSpec(name=f"peer{i}", plr=args.plr if i >= args.peers - args.lossy_peers else 0.0,
-                            delay_ms=args.delay_ms, jitter_ms=args.jitter_ms) for i in range(args.peers)]
+    def link(i: int) -> LinkConditions:
+        return LinkConditions(plr=args.plr if i >= args.peers - args.lossy_peers else 0.0,
+                              delay_s=args.delay_ms / 1000.0, jitter_s=args.jitter_ms / 1000.0)
+
+    return [PeerProfile(name=f"peer{i}", link=link(i)) for i in range(args.peers)]
 
 
-def _join_argv(spec: PeerProfileSpec, args: argparse.Namespace, key: str, *where: str) -> list[str]:
+def _join_argv(spec: PeerProfile, args: argparse.Namespace, key: str, *where: str) -> list[str]:
     argv = [sys.executable, "-m", "halo_p2p", "join", "--model", args.model, "--name", spec.name, "--swarm-key", key,
             "--no-ui", *where]
     return argv + (["--profile", spec.profile] if spec.profile else [])
@@ -73,7 +77,7 @@ async def cmd_swarm(args: argparse.Namespace) -> int:
     console = Console()
     ok, why = available()
     if ok and not args.loopback:
-        devices = [DeviceLink.from_conditions(s.link_conditions(), seed=i) for i, s in enumerate(specs)]
+        devices = [DeviceLink.from_conditions(s.link, seed=i) for i, s in enumerate(specs)]
         async with NetnsLan(f"hs{os.getpid() % 100000}", devices, replace_stale=True) as lan:
             procs = [await lan.spawn(i, _join_argv(s, args, key, "--address", lan.address(i)),
                                      stdout=asyncio.subprocess.PIPE) for i, s in enumerate(specs)]
@@ -90,7 +94,7 @@ async def cmd_swarm(args: argparse.Namespace) -> int:
         procs = []
         for s in specs:
             env = {**os.environ, "XDG_CONFIG_HOME": str(Path(tmp) / s.name)}   # one peer id each
-            argv = _join_argv(s, args, key, "--interface", "lo", "--emulate-plr", str(s.plr))
+            argv = _join_argv(s, args, key, "--interface", "lo", "--emulate-plr", str(s.link.plr))
             procs.append(await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE))
         try:
             joined = await _wait_joined(procs)
@@ -106,8 +110,9 @@ async def cmd_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(console: Console, specs: list[PeerProfileSpec], joined: list[str], addresses: list[str]) -> None:
+def _print(console: Console, specs: list[PeerProfile], joined: list[str], addresses: list[str]) -> None:
     table = Table("peer", "address", "PLR", "delay ms", "profile", "status", title=f"test swarm of {len(specs)} peers")
     for s, line, addr in zip(specs, joined, addresses, strict=True):
-        table.add_row(s.name, addr, f"{100 * s.plr:g} %", f"{s.delay_ms:g}", s.profile or "-", line.split(" at ")[0])
+        table.add_row(s.name, addr, f"{100 * s.link.plr:g} %", f"{1000 * s.link.delay_s:g}", s.profile or "-",
+                      line.split(" at ")[0])
     console.print(table)

@@ -15,8 +15,10 @@ __all__ = ["Engine", "GroupCompute", "GroupWeights", "TrunkCompute"]
 class Engine(Protocol):
     """Computes logits for tokens at given positions, keeping a KV cache.
 
-    Implementations: :class:`~halo_p2p.engine.local.LocalEngine` (one peer) and, later, the
-    coordinator of a split model. Compute never runs on the event loop.
+    Implementations: :class:`~halo_p2p.engine.local.LocalEngine` (one peer) and
+    :class:`~halo_p2p.session.replan.SplitEngine` (a split model over its peers; its
+    :class:`~halo_p2p.session.coordinator.Coordinator` is one too). Compute never runs on the event
+    loop.
     """
 
     @property

@@ -1,182 +1,135 @@
-"""An emulated swarm in one process: a coordinator and workers joined by in-memory lossy links.
+"""An emulated swarm in one process: real peers joined by in-memory lossy links.
 
-Every peer gets its own compute thread (with an optional slowdown factor) and its own shard of
-the model, loaded from the same file; each worker's link to the coordinator has its own PLR,
-one-way delay and jitter (:class:`~halo_p2p.net.link.LinkConditions`).
+Every peer is a :class:`~halo_p2p.node.peer.PeerNode` with its own compute thread (with the
+profile's slowdown) and its own shard of the model, cut from the same source; it announces itself
+in an in-memory discovery (:class:`~halo_p2p.discovery.memory.MemoryDiscovery`) and accepts links
+through a :class:`~halo_p2p.net.connector.MemoryConnector`, whose links to the coordinator have
+the profile's PLR, one-way delay and jitter (:class:`~halo_p2p.net.link.LinkConditions`, seeded).
+The first peer coordinates exactly as on a real swarm: it dials the others through its connector
+and starts the session with the one session builder
+(:func:`halo_p2p.node.swarm.open_split_engine`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from halo_p2p.engine.compute import ComputeThread
+from halo_p2p.discovery import MemoryDiscovery, MemoryNetwork, model_entry
 from halo_p2p.engine.probe import measure_gflops
-from halo_p2p.groups import PARTS, GroupLayout
-from halo_p2p.model.shard import TAKEOVER_BUDGET_BYTES, GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
+from halo_p2p.errors import ConfigError
+from halo_p2p.groups import GroupLayout
+from halo_p2p.model.shard import TAKEOVER_BUDGET_BYTES, GroupShard
 from halo_p2p.model.source import TensorSource
-from halo_p2p.net.link import Link, LinkConditions
-from halo_p2p.net.memory import memory_link_pair
-from halo_p2p.plan import PlacementPlan
-from halo_p2p.scheduler import UNLIMITED_BYTES, GroupStats, PeerModel, schedule_for_layout
-from halo_p2p.session.coordinator import UNSTABLE_PLR, Coordinator, SessionOptions
-from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
-from halo_p2p.session.replan import ReplanningEngine, ReplanningFacade
-from halo_p2p.session.worker import ShardFactory, Worker
+from halo_p2p.net.connector import MemoryConnector
+from halo_p2p.net.memory import MemoryHub
+from halo_p2p.node.peer import NodeConfig, PeerNode
+from halo_p2p.node.swarm import open_split_engine
+from halo_p2p.predictor import Predictor
+from halo_p2p.profiles import PeerProfile
+from halo_p2p.scheduler import UNLIMITED_BYTES
+from halo_p2p.session.coordinator import SessionOptions
+from halo_p2p.session.criticality import CriticalityPolicy
+from halo_p2p.session.replan import SplitEngine
+from halo_p2p.session.setup import Critical, Planner, SessionSetup
+from halo_p2p.session.worker import ModelOpener, ShardFactory
 
-__all__ = ["EmulatedSwarm", "PeerProfile", "start_emulated_swarm"]
+__all__ = ["EMULATED_SHA256", "PeerProfile", "start_emulated_swarm"]
 
 log = logging.getLogger(__name__)
 
+EMULATED_SHA256 = "e" * 64
+"""The sha256 that names an emulated swarm's shared model in its plans."""
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerProfile:
-    """One emulated peer.
-
-    Attributes:
-        name: peer id.
-        share: relative share of the neuron groups (uneven shares allowed; 0 holds none).
-        slowdown: compute slowdown factor (1 = this machine's speed).
-        link: conditions of its link to the coordinator, each direction (ignored for the coordinator).
-        memory_budget_bytes: memory for weights (the scheduler respects it; ``None``: unlimited).
-    """
-
-    name: str
-    share: float = 1.0
-    slowdown: float = 1.0
-    link: LinkConditions = field(default_factory=LinkConditions)
-    memory_budget_bytes: int | None = None
+_ADDRESS = "127.0.0.1"
 
 
-@dataclass(slots=True)
-class EmulatedSwarm(ReplanningFacade):
-    """A running emulated swarm; an :class:`~halo_p2p.engine.protocol.Engine` that re-plans when
-    a worker is lost (see :class:`~halo_p2p.session.replan.ReplanningEngine`)."""
-
-    engine: ReplanningEngine
-    workers: list[Worker]
-    threads: list[ComputeThread]
-    tasks: list[asyncio.Task[None]]
-    links: dict[str, Link]
-
-    @property
-    def plan(self) -> PlacementPlan:
-        return self.coordinator.plan
-
-    def weight_bytes(self) -> dict[str, int]:
-        """Resident weight bytes per peer (the coordinator's includes the trunk)."""
-        c = self.coordinator
-        out = {c.plan.coordinator: c.trunk.weight_bytes() + (c.local.weight_bytes() if c.local else 0)}
-        for w in self.workers:
-            out[w.peer_id] = w.shard.weight_bytes() if w.shard else 0
-        return out
-
-    async def aclose(self) -> None:
-        await self.engine.aclose()
-        for link in self.links.values():
-            await link.aclose()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for thread in self.threads:
-            await asyncio.to_thread(thread.close)
-
-
-async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile], options: SessionOptions, *,
-                               mlp_group_size: int | None = None, critical: str = "static",
-                               critical_fraction: float = 0.5, seed: int = 0, planner: str = "split",
-                               compute_gflops: float | None = None, dynamic: bool = False,
-                               takeover_budget_bytes: int = TAKEOVER_BUDGET_BYTES,
-                               policy: CriticalityPolicy | None = None, uplink_parity: bool = True) -> EmulatedSwarm:
-    """Start ``peers`` (the first is the coordinator) and send them the plan.
-
-    Args:
-        source: the model, shared by every emulated peer.
-        peers: profiles; ``peers[0]`` coordinates.
-        options: session options (sync mode, wire dtype, ...).
-        mlp_group_size: neurons per MLP group (default: 24 groups per layer where possible).
-        critical: ``"static"`` (attention + top MLP groups by weight score) or ``"all"``.
-        critical_fraction: share of MLP groups that are critical under ``"static"``.
-        seed: base seed of the links' loss and jitter.
-        planner: ``"split"`` (contiguous groups by ``share``) or ``"schedule"`` (the load-balancing
-            scheduler of :mod:`halo_p2p.scheduler`, from each peer's compute rate, memory budget
-            and link conditions).
-        compute_gflops: this machine's rate for the scheduler (default: measured once).
-        policy: a criticality policy to use instead of ``critical`` (e.g. the semantic-aware
-            predictor's :class:`~halo_p2p.predictor.PredictorPolicy`).
-        dynamic: per-token dynamic placement: the coordinator computes the critical MLP groups of
-            lossy peers itself (:class:`~halo_p2p.model.shard.MlpTakeover`, within
-            ``takeover_budget_bytes``).
-        uplink_parity: workers follow each group's partial with an XOR parity frame
-            (:class:`~halo_p2p.wire.messages.PartialParity`) on the unreliable channel.
-    """
-    layout = GroupLayout.from_config(source.config, mlp_group_size)
-    names = [p.name for p in peers]
-    shares = {p.name: p.share for p in peers}
-    threads = [ComputeThread(f"halo-{p.name}", slowdown=p.slowdown) for p in peers]
-    coordinator_thread = threads[0]
-    trunk = await coordinator_thread.run(Trunk, source)
-    criticality: CriticalityPolicy
-    scores = await coordinator_thread.run(mlp_group_scores, source, layout) if critical == "static" else None
-    if policy is not None:
-        criticality = policy
-    elif scores is not None:
-        criticality = StaticRule(scores, layout.n_attn, critical_fraction)
-    else:
-        criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
+def _open_shared(source: TensorSource) -> ModelOpener:
+    """The workers' model opener: every plan is served from the one shared ``source``."""
 
     def open_model(sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
         lay = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
         return lay, lambda groups, max_seq_len: GroupShard(source, lay, groups, max_seq_len=max_seq_len)
 
-    links: dict[str, Link] = {}
-    workers, tasks = [], []
-    for i, (profile, thread) in enumerate(zip(peers[1:], threads[1:], strict=True), start=1):
-        a, b = memory_link_pair(names[0], profile.name, a_to_b=profile.link, b_to_a=profile.link, seed=seed + i)
-        links[profile.name] = a
-        worker = Worker(profile.name, b, open_model, thread, uplink_parity=uplink_parity)
-        workers.append(worker)
-        tasks.append(asyncio.create_task(worker.run(), name=f"worker-{profile.name}"))
+    return open_model
 
-    profiles = {p.name: p for p in peers}
-    unstable = frozenset(p.name for p in peers[1:] if p.link.plr > UNSTABLE_PLR)
-    takeover = MlpTakeover(SliceWeights(source, layout), budget_bytes=takeover_budget_bytes) if dynamic else None
-    stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if critical == "static"
-             else GroupStats.default(layout))
-    rate = compute_gflops or (await asyncio.to_thread(measure_gflops) if planner == "schedule" else 1.0)
 
-    async def factory(lost: frozenset[str], session: int) -> Coordinator:
-        alive = [n for n in names if n not in lost]
-        deadlines: dict[str, float] | None = None
-        if planner == "schedule":
-            models = [PeerModel.from_gflops(
-                n, rate / profiles[n].slowdown, memory_budget_bytes=profiles[n].memory_budget_bytes or UNLIMITED_BYTES,
-                rtt_ms=2000 * profiles[n].link.delay_s if n != names[0] else 0.0,
-                jitter_ms=1000 * profiles[n].link.jitter_s if n != names[0] else 0.0,
-                plr=profiles[n].link.plr if n != names[0] else 0.0, is_coordinator=n == names[0]) for n in alive]
-            sched = schedule_for_layout(layout, models, stats=stats, coordinator_fixed_bytes=trunk.weight_bytes())
-            plan = sched.plan
-            deadlines = {p: max(0.02, 2 * d) for p, d in sched.deadline_s.items()}
-        else:
-            plan = PlacementPlan.split(layout, alive, coordinator=names[0], shares=[shares[n] for n in alive])
-        own = plan.groups_of(names[0])
-        local = None
-        if own:
-            local = await coordinator_thread.run(GroupShard, source, layout, own, max_seq_len=options.max_seq_len)
-        coordinator = Coordinator(trunk=trunk, local=local, compute=coordinator_thread,
-                                  links={n: links[n] for n in alive[1:]}, plan=plan, options=options,
-                                  criticality=criticality, session=session, initial_deadlines=deadlines,
-                                  takeover=takeover, unstable=unstable)
-        await coordinator.start()
-        return coordinator
+class _SharedModel:
+    """The :class:`~halo_p2p.node.peer.ModelProvider` of an emulated peer: one shared source."""
 
-    swarm = EmulatedSwarm(ReplanningEngine(factory), workers, threads, tasks, links)
+    def __init__(self, source: TensorSource) -> None:
+        self.open_for_plan = _open_shared(source)
+
+    def entries(self) -> tuple[str, ...]:
+        return (model_entry("emulated", EMULATED_SHA256),)
+
+
+async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile], options: SessionOptions, *,
+                               mlp_group_size: int | None = None, critical: Critical | str = Critical.STATIC,
+                               critical_fraction: float = 0.5, seed: int = 0, planner: Planner | str = Planner.SPLIT,
+                               compute_gflops: float | None = None, dynamic: bool = False,
+                               takeover_budget_bytes: int = TAKEOVER_BUDGET_BYTES,
+                               policy: CriticalityPolicy | None = None, predictor: Predictor | None = None,
+                               uplink_parity: bool = True) -> SplitEngine:
+    """Start ``peers`` (the first is the coordinator) as real peers over in-memory links and plan.
+
+    Args:
+        source: the model, shared by every emulated peer.
+        peers: profiles; ``peers[0]`` coordinates. A profile's name is its peer id
+            (``[A-Za-z0-9_-]``); its ``link`` is the link to the coordinator (ignored for the
+            coordinator); ``share`` None counts as 1.
+        options: session options (sync mode, wire dtype, ...).
+        mlp_group_size: neurons per MLP group (default: 24 groups per layer where possible).
+        critical: :class:`~halo_p2p.session.setup.Critical` (``"static"``, ``"all"``,
+            ``"predictor"`` with ``predictor``).
+        critical_fraction: share of MLP groups that are critical.
+        seed: base seed of the links' loss and jitter (worker ``i``'s link: ``seed + i``).
+        planner: ``"split"`` (contiguous groups by ``share``) or ``"schedule"`` (the
+            load-balancing scheduler of :mod:`halo_p2p.scheduler`, from each peer's compute rate,
+            memory budget and link conditions).
+        compute_gflops: this machine's rate (default: measured once for ``"schedule"``); each
+            peer announces it divided by its slowdown.
+        policy: a criticality policy to use instead of ``critical``'s (e.g. a test's oracle).
+        predictor: the semantic-aware predictor of ``critical="predictor"``.
+        dynamic: per-token dynamic placement (``halo``): the coordinator computes the critical MLP
+            groups of lossy peers itself (within ``takeover_budget_bytes``).
+        uplink_parity: workers follow each answer with XOR parity on links that measured loss.
+
+    Returns:
+        The started engine; it owns the peers (closing it stops them).
+
+    Raises:
+        ConfigError: no peers, a name that is not a valid peer id, or a bad setting.
+    """
+    if not peers:
+        raise ConfigError("an emulated swarm needs at least one peer", "give the coordinator's profile")
+    setup = SessionSetup(planner=Planner.of(planner), critical=Critical.of(critical),
+                         critical_fraction=critical_fraction, mlp_group_size=mlp_group_size,
+                         dynamic_placement=dynamic, takeover_budget_bytes=takeover_budget_bytes)
+    rate = compute_gflops or (await asyncio.to_thread(measure_gflops) if setup.planner is Planner.SCHEDULE else 1.0)
+    hub, network, key = MemoryHub(seed=seed, address=_ADDRESS), MemoryNetwork(), secrets.token_bytes(32)
+    model = _SharedModel(source)
+    nodes: list[PeerNode] = []
     try:
-        await swarm.engine.start()
+        for i, p in enumerate(peers):
+            config = NodeConfig(peer_id=p.name, name=p.name, address=_ADDRESS, swarm_key=key,
+                                memory_budget_bytes=UNLIMITED_BYTES if p.memory_budget_bytes is None
+                                else p.memory_budget_bytes, slowdown=p.slowdown, compute_gflops=rate,
+                                uplink_parity=uplink_parity)
+            connector = MemoryConnector(hub, p.name, swarm_key=key, conditions=p.link if i else None)
+            nodes.append(PeerNode(config, model, MemoryDiscovery(network), connector=connector))
+            await nodes[-1].start()
+        coordinator, workers = nodes[0], nodes[1:]
+        seen = coordinator.discovery.peers()
+        return await open_split_engine(
+            coordinator, source, EMULATED_SHA256, options, setup, peers=[seen[w.peer_id] for w in workers],
+            predictor=predictor, policy=policy, known_links={p.name: p.link for p in peers[1:]},
+            shares={p.name: 1.0 if p.share is None else p.share for p in peers}, own_node=True, members=workers,
+            model_name="the emulated model")
     except BaseException:
-        await swarm.aclose()
+        for node in nodes:
+            await node.aclose()
         raise
-    return swarm

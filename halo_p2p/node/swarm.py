@@ -1,33 +1,33 @@
 """The coordinator side: run a prompt on the swarm this peer sees.
 
-It waits (bounded) for peers holding the same model file (same sha256) to appear in discovery,
-opens an authenticated WebRTC link to each, and builds a plan whose shares follow the peers'
-measured compute rates (the coordinator included). The engine re-plans without peers that
-refuse the plan or vanish (:class:`~halo_p2p.session.replan.ReplanningEngine`).
+:func:`open_swarm_engine` waits (bounded) for peers offering memory to appear in discovery (those
+holding the same model file, same sha256, first), then :func:`open_split_engine` dials each
+through the node's connector and starts a session with the one session builder
+(:func:`halo_p2p.session.setup.open_split_session`): the plan follows the peers' measured compute
+rates, memory budgets and links. The engine re-plans without peers that refuse the plan or
+vanish. The emulated swarm (:mod:`halo_p2p.node.emulate`) coordinates through
+:func:`open_split_engine` too, over in-memory links.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 from halo_p2p.discovery import PeerInfo
 from halo_p2p.errors import AuthError, HaloError
-from halo_p2p.groups import PARTS, GroupLayout
-from halo_p2p.model.shard import GroupShard, MlpTakeover, SliceWeights, Trunk, mlp_group_scores
-from halo_p2p.net.link import Link
-from halo_p2p.net.signaling import connect
+from halo_p2p.model.source import TensorSource
+from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.node.library import HeldModel
 from halo_p2p.node.peer import PeerNode
-from halo_p2p.plan import PlacementPlan
-from halo_p2p.predictor import PredictorPolicy, load_predictor_for
-from halo_p2p.scheduler import GroupStats, peer_models_from, schedule_for_layout
-from halo_p2p.session.coordinator import Coordinator, SessionOptions
-from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
-from halo_p2p.session.replan import ReplanningEngine, ReplanningFacade
+from halo_p2p.predictor import Predictor
+from halo_p2p.session.coordinator import SessionOptions
+from halo_p2p.session.criticality import CriticalityPolicy
+from halo_p2p.session.replan import PeerHost, SplitEngine
+from halo_p2p.session.setup import Critical, SessionSetup, open_split_session
 
-__all__ = ["SwarmEngine", "open_swarm_engine", "wait_for_model_peers"]
+__all__ = ["dial_peers", "open_split_engine", "open_swarm_engine", "wait_for_model_peers"]
 
 log = logging.getLogger(__name__)
 
@@ -47,112 +47,88 @@ async def wait_for_model_peers(node: PeerNode, held: HeldModel, *, wait_s: float
         await asyncio.sleep(0.1)
 
 
-@dataclass(slots=True)
-class SwarmEngine(ReplanningFacade):
-    """An :class:`~halo_p2p.engine.protocol.Engine` over WebRTC workers (closes its links)."""
+async def dial_peers(node: PeerNode, peers: Sequence[PeerInfo], *, timeout_s: float = 10.0,
+                     attempts: int = 2) -> dict[str, tuple[PeerInfo, Link]]:
+    """Links to the ``peers`` that answer, through ``node``'s connector, in the order of ``peers``.
 
-    engine: ReplanningEngine
-    links: dict[str, Link]
-    peers: dict[str, PeerInfo] = field(default_factory=dict)
+    A peer that refuses this node's credentials is skipped at once; other failures are retried
+    (a lossy link can lose ICE/DTLS/SCTP handshake packets) up to ``attempts`` times.
+    """
+    async def dial(p: PeerInfo) -> tuple[PeerInfo, Link] | None:
+        for attempt in range(1, attempts + 1):
+            try:
+                return p, await node.connector.dial(p, timeout_s=timeout_s)
+            except AuthError as exc:                # a refusal is final: retrying cannot fix a wrong key
+                log.warning("cannot use peer %s (%s): %s", p.name, p.address, exc)
+                return None
+            except HaloError as exc:
+                log.warning("cannot use peer %s (%s), attempt %d/%d: %s", p.name, p.address, attempt, attempts, exc)
+        return None
 
-    async def aclose(self) -> None:
-        await self.engine.aclose()
-        await asyncio.gather(*(link.aclose() for link in self.links.values()), return_exceptions=True)
+    dialed = await asyncio.gather(*(dial(p) for p in peers))
+    return {d[0].peer_id: d for d in dialed if d is not None}
 
 
-async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOptions, *, wait_s: float = 3.0,
-                            max_workers: int | None = None, critical_fraction: float = 0.5,
+async def open_split_engine(node: PeerNode, source: TensorSource, model_sha256: str, options: SessionOptions,
+                            setup: SessionSetup, *, peers: Sequence[PeerInfo], connect_timeout_s: float = 10.0,
+                            dial_attempts: int = 2, predictor: Predictor | None = None,
+                            policy: CriticalityPolicy | None = None,
+                            known_links: Mapping[str, LinkConditions] | None = None,
+                            shares: Mapping[str, float] | None = None, own_node: bool = False,
+                            members: Sequence[PeerHost] = (), model_name: str | None = None) -> SplitEngine:
+    """Dial ``peers`` (in plan order) and start a session over those that answer.
+
+    Args:
+        node: this peer (started); it coordinates on its compute thread.
+        source, model_sha256: the model and the sha256 naming it to the workers.
+        options, setup: see :func:`halo_p2p.session.setup.coordinator_factory`, as are
+            ``predictor``, ``policy``, ``known_links`` and ``shares``.
+        peers: the workers to use, in plan order.
+        own_node: the engine closes ``node`` when it is closed.
+        members: worker peers of this process, closed with the engine (an emulated swarm).
+        model_name: the model's name in messages.
+
+    Raises:
+        HaloError: ``peers`` were given but none answered (run locally instead), or the session
+            could not start.
+    """
+    assert node.info is not None, "start() the node first"
+    dialed = await dial_peers(node, peers, timeout_s=connect_timeout_s, attempts=dial_attempts)
+    if peers and not dialed:
+        raise HaloError(f"no peer holding {model_name or model_sha256[:16]} answered",
+                        "start halo-peer join on other devices, or use --local")
+    engine = await open_split_session(
+        source, options, setup, compute=node.compute, me=node.info, peers={p: info for p, (info, _) in dialed.items()},
+        links={p: link for p, (_, link) in dialed.items()}, model_sha256=model_sha256, known_links=known_links,
+        shares=shares, policy=policy, predictor=predictor, node=node if own_node else None, members=members)
+    log.info("swarm of %d peers: %s", len(engine.plan.peers),
+             ", ".join(dialed[p][0].name for p in engine.plan.workers()))
+    return engine
+
+
+async def open_swarm_engine(node: PeerNode, held: HeldModel, options: SessionOptions,
+                            setup: SessionSetup | None = None, *, wait_s: float = 3.0, max_workers: int | None = None,
                             connect_timeout_s: float = 10.0, dial_attempts: int = 2,
-                            planner: str = "schedule", dynamic_placement: bool = False) -> SwarmEngine:
-    """Connect to the peers holding ``held`` and start a session over them.
+                            predictor: Predictor | None = None, own_node: bool = False) -> SplitEngine:
+    """Connect to the peers of the swarm and start a session of ``held`` over them.
 
-    ``planner="schedule"`` places groups with the load-balancing scheduler (peers' measured
-    compute rates and memory budgets, links' heartbeat RTT/jitter/PLR, the criticality
-    statistics); ``"split"`` shares groups by compute rate only. ``dynamic_placement`` (``halo``
-    only): the coordinator computes a decode step's critical MLP groups of peers whose links
-    measured loss itself (:class:`~halo_p2p.model.shard.MlpTakeover`), at the cost of its own CPU;
-    off by default since answers carry FEC (docs/benchmarks.md §10).
+    ``setup`` chooses the planner and the criticality (default: the load-balancing scheduler over
+    the peers' measured compute rates and memory budgets, the links' heartbeat RTT/jitter/PLR and
+    the criticality statistics; in ``halo`` the ``predictor`` if given, else the static rule;
+    every group critical otherwise);
+    ``dynamic_placement`` (``halo`` only) makes the coordinator compute a decode step's critical
+    MLP groups of peers whose links measured loss itself, at the cost of its own CPU (off by
+    default since answers carry FEC, docs/benchmarks.md §10).
 
     Raises:
         HaloError: no peer holding the model answered (run locally instead).
     """
     found = await wait_for_model_peers(node, held, wait_s=wait_s, want=max_workers)
     found = found[:max_workers] if max_workers else found
-    cfg = node.config
-
-    async def dial(p: PeerInfo) -> tuple[PeerInfo, Link] | None:
-        for attempt in range(1, dial_attempts + 1):   # a lossy link can lose ICE/DTLS/SCTP handshake packets
-            try:
-                link = await connect(p.host, p.signaling_port, peer_id=cfg.peer_id, name=cfg.name,
-                                     swarm_key=cfg.swarm_key, timeout_s=connect_timeout_s, expect_peer_id=p.peer_id)
-                return p, link
-            except AuthError as exc:                # a refusal is final: retrying cannot fix a wrong key
-                log.warning("cannot use peer %s (%s): %s", p.name, p.address, exc)
-                return None
-            except HaloError as exc:
-                log.warning("cannot use peer %s (%s), attempt %d/%d: %s", p.name, p.address, attempt,
-                            dial_attempts, exc)
-        return None
-
-    dialed = [d for d in await asyncio.gather(*(dial(p) for p in found)) if d is not None]
-    if not dialed:
+    if not found:
         raise HaloError(f"no peer holding {held.name} answered",
                         "start halo-peer join on other devices, or use --local")
-    links = {p.peer_id: link for p, link in dialed}
-    infos = {p.peer_id: p for p, _ in dialed}
-    source = held.model.source
-    layout = GroupLayout.from_config(source.config)
-    trunk = await node.compute.run(Trunk, source)
-    criticality: CriticalityPolicy
-    scores = await node.compute.run(mlp_group_scores, source, layout) if options.mode == "halo" else None
-    predictor = await asyncio.to_thread(load_predictor_for, held.sha256) if options.mode == "halo" else None
-    if predictor is not None:           # semantic-aware: the critical MLP groups change per token
-        criticality = PredictorPolicy(predictor, critical_fraction, attn_critical=1.0)
-    elif scores is not None:
-        criticality = StaticRule(scores, layout.n_attn, critical_fraction)
-    else:
-        criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
-    own_rate = node.info.compute_gflops if node.info else 1.0
-    weights = SliceWeights(source, layout)
-    takeover = MlpTakeover(SliceWeights(source, layout)) if options.mode == "halo" and dynamic_placement else None
-
-    stats = (GroupStats.from_mlp_scores(layout, scores, critical_fraction) if scores is not None and predictor is None
-             else GroupStats.default(layout, critical_fraction))
-
-    async def factory(lost: frozenset[str], session: int) -> Coordinator:
-        alive = [pid for pid in links if pid not in lost and not links[pid].closed]
-        names = [cfg.peer_id, *alive]
-        deadlines = None
-        if planner == "schedule" and node.info is not None:
-            models = peer_models_from([node.info, *(infos[p] for p in alive)], {p: links[p].stats for p in alive},
-                                      coordinator=cfg.peer_id)
-            sched = await asyncio.to_thread(schedule_for_layout, layout, models, stats=stats,
-                                            coordinator_fixed_bytes=trunk.weight_bytes())
-            plan, deadlines = sched.plan, {p: max(0.02, 2 * d) for p, d in sched.deadline_s.items()}
-            log.info("scheduled: expected TPOT %.1f ms", 1000 * sched.expected_tpot_s)
-        else:
-            shares = [own_rate, *(max(infos[p].compute_gflops, 0.1) for p in alive)]
-            plan = PlacementPlan.split(layout, names, coordinator=cfg.peer_id, shares=shares)
-        own = plan.groups_of(cfg.peer_id)
-        local = None
-        if own:
-            local = await node.compute.run(GroupShard, weights, layout, own, max_seq_len=options.max_seq_len)
-        coordinator = Coordinator(trunk=trunk, local=local, compute=node.compute, links={p: links[p] for p in alive},
-                                  plan=plan, options=options, criticality=criticality,
-                                  model_sha256=held.sha256, session=session, weights=weights,
-                                  initial_deadlines=deadlines, takeover=takeover)
-        try:
-            await coordinator.start()
-        except BaseException:
-            await coordinator.aclose()
-            raise
-        log.info("session %d over %d peers: %s", session, len(names), ", ".join(infos[p].name for p in alive))
-        return coordinator
-
-    engine = SwarmEngine(ReplanningEngine(factory), links, infos)
-    try:
-        await engine.engine.start()
-    except BaseException:
-        await engine.aclose()
-        raise
-    return engine
+    setup = setup or SessionSetup(critical=Critical.PREDICTOR if options.mode == "halo" else Critical.ALL)
+    return await open_split_engine(node, held.model.source, held.sha256, options, setup, peers=found,
+                                   connect_timeout_s=connect_timeout_s, dial_attempts=dial_attempts,
+                                   predictor=predictor, own_node=own_node, model_name=held.name)

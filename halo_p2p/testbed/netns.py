@@ -96,7 +96,7 @@ class DeviceLink:
 
     @classmethod
     def from_conditions(cls, conditions: LinkConditions, seed: int = 0, mode: str = "auto") -> DeviceLink:
-        """The link for ``conditions`` (for instance ``PeerProfileSpec.link_conditions()``)."""
+        """The link for ``conditions`` (for instance a ``PeerProfile``'s ``link``)."""
         return cls(conditions.plr, conditions.delay_s, conditions.jitter_s, seed, mode)
 
     def kind(self, nft: bool) -> str:
