@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from halo_p2p.engine.compute import ComputeThread
 from halo_p2p.engine.probe import measure_gflops
@@ -20,7 +19,7 @@ from halo_p2p.model.shard import TAKEOVER_BUDGET_BYTES, GroupShard, MlpTakeover,
 from halo_p2p.model.source import TensorSource
 from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.net.memory import memory_link_pair
-from halo_p2p.plan import PlacementPlan
+from halo_p2p.plan import PlacementPlan, PlanBody
 from halo_p2p.scheduler import UNLIMITED_BYTES, GroupStats, PeerModel, schedule_for_layout
 from halo_p2p.session.coordinator import UNSTABLE_PLR, Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
@@ -128,8 +127,8 @@ async def start_emulated_swarm(source: TensorSource, peers: Sequence[PeerProfile
     else:
         criticality = AllCritical({p: layout.n_groups(p) for p in PARTS})
 
-    def open_model(sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
-        lay = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
+    def open_model(sha256: str, body: PlanBody) -> tuple[GroupLayout, ShardFactory]:
+        lay = GroupLayout.from_config(source.config, body.layout.mlp_group_size)
         return lay, lambda groups, max_seq_len: GroupShard(source, lay, groups, max_seq_len=max_seq_len)
 
     links: dict[str, Link] = {}
