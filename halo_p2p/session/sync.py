@@ -69,7 +69,7 @@ class SyncPoint:
         step, layer, part: the sync point.
         n_tokens, dim: shape of one row of an answer.
         answers: peer -> the rows it was asked for (its groups at this point).
-        chunks: peer -> the data chunks its answer takes (:func:`~halo_p2p.session.frames.answer_chunks`);
+        chunks: peer -> the data chunks its answer takes (:func:`~halo_p2p.session.frames.answer_chunk_count`);
             a chunk announcing another count is refused.
         critical: group indices that must be complete before moving on.
         fmt: the session's wire format.
