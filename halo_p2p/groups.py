@@ -25,13 +25,24 @@ from dataclasses import dataclass
 from halo_p2p.errors import ConfigError
 from halo_p2p.model.config import ModelConfig
 
-__all__ = ["ATTN", "MLP", "PARTS", "GroupId", "GroupLayout", "default_mlp_group_size"]
+__all__ = ["ATTN", "ATTN_TENSORS", "MLP", "MLP_TENSORS", "PARTS", "GroupId", "GroupLayout", "default_mlp_group_size",
+           "tensor_names"]
 
 ATTN = 0
 """Synchronization point of the attention groups (input: RMSNorm of the residual)."""
 MLP = 1
 """Synchronization point of the MLP groups (input: RMSNorm after attention)."""
 PARTS = (ATTN, MLP)
+
+ATTN_TENSORS = ("wq", "wk", "wv", "wo")
+"""Weight matrices of an attention group: rows of Wq, Wk, Wv and columns of Wo."""
+MLP_TENSORS = ("w1", "w3", "w2")
+"""Weight matrices of an MLP group: rows of W1, W3 and columns of W2."""
+
+
+def tensor_names(part: int) -> tuple[str, ...]:
+    """The weight matrices of a group of ``part`` (:data:`ATTN_TENSORS` or :data:`MLP_TENSORS`)."""
+    return ATTN_TENSORS if part == ATTN else MLP_TENSORS
 
 DEFAULT_MLP_GROUPS = 24   # SmolLM2-135M: 1536 / 64 = 24 groups of 64 neurons
 
@@ -120,6 +131,15 @@ class GroupLayout:
     def mlp_rows(self, index: int) -> tuple[int, int]:
         """Rows of W1/W3 (and columns of W2) of MLP group ``index``, half-open."""
         return index * self.mlp_group_size, (index + 1) * self.mlp_group_size
+
+    def tensor_shapes(self, part: int) -> dict[str, tuple[int, int]]:
+        """Name -> ``(rows, cols)`` of each weight matrix of one group of ``part``, in
+        :func:`tensor_names` order (``wo`` and ``w2`` are column slices: ``(dim, width)``)."""
+        if part == ATTN:
+            q, d = self.q_per_kv * self.head_dim, self.head_dim
+            return {"wq": (q, self.dim), "wk": (d, self.dim), "wv": (d, self.dim), "wo": (self.dim, q)}
+        g = self.mlp_group_size
+        return {"w1": (g, self.dim), "w3": (g, self.dim), "w2": (self.dim, g)}
 
     def group_params(self, part: int) -> int:
         """Weight parameters of one group of ``part`` (its slices of the projections)."""

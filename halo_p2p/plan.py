@@ -3,20 +3,28 @@
 A plan maps every :class:`~halo_p2p.groups.GroupId` of a :class:`~halo_p2p.groups.GroupLayout`
 to exactly one peer. The coordinator always keeps the embeddings, the norms and the classifier
 and may hold groups too; shares may be uneven and any number of peers is allowed.
+:class:`PlanBody` is what the coordinator sends a worker (the ``plan`` of the wire ``Plan``
+message): the placement, the model's config and the session's context length.
 """
 
 from __future__ import annotations
 
+import typing
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from halo_p2p.errors import PlanError
+from halo_p2p.errors import ConfigError, HaloError, PlanError
 from halo_p2p.groups import PARTS, GroupId, GroupLayout
+from halo_p2p.model.config import ModelConfig
 
-__all__ = ["PLAN_VERSION", "PlacementPlan", "proportional_counts"]
+__all__ = ["PLAN_BODY_VERSION", "PLAN_VERSION", "PlacementPlan", "PlanBody", "proportional_counts"]
 
 PLAN_VERSION = 1
+"""Version of :meth:`PlacementPlan.to_dict`'s map (its ``version`` key)."""
+PLAN_BODY_VERSION = 1
+"""Version of :meth:`PlanBody.to_dict`'s map (its ``version`` key); see ``docs/wire-protocol.md`` §4."""
 
 
 def proportional_counts(total: int, shares: Sequence[float], offset: int = 0,
@@ -115,7 +123,7 @@ class PlacementPlan:
 
     def share(self, peer: str) -> float:
         """Fraction of the groups' weight parameters held by ``peer``."""
-        params = Counter()
+        params: Counter[str] = Counter()
         for g, p in self.owner.items():
             params[p] += self.layout.group_params(g.part)
         return params[peer] / sum(params.values())
@@ -167,13 +175,130 @@ class PlacementPlan:
                             "send a plan made by PlacementPlan.to_dict") from None
 
 
+_CONFIG_TYPES: dict[str, type] = typing.get_type_hints(ModelConfig)   # field -> int, float or bool
+_BODY_KEYS = ("version", "max_seq_len", "config", "placement")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanBody:
+    """What a worker needs to take part in a session: the ``plan`` field of the wire ``Plan``.
+
+    Attributes:
+        placement: which peer computes which group; its ``layout`` is the model's, cut into MLP
+            groups of ``placement.layout.mlp_group_size`` neurons.
+        config: the model's shape (a worker that does not hold the model file builds its shard
+            from streamed weights with it).
+        max_seq_len: KV-cache length of every peer (tokens, >= 1).
+        version: :data:`PLAN_BODY_VERSION`.
+
+    Raises:
+        ConfigError: another version, ``max_seq_len`` < 1, or a placement whose layout is not the
+            layout of ``config``.
+    """
+
+    placement: PlacementPlan
+    config: ModelConfig
+    max_seq_len: int
+    version: int = PLAN_BODY_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != PLAN_BODY_VERSION:
+            raise ConfigError(f"plan body version {self.version!r:.40} is not {PLAN_BODY_VERSION}",
+                              "run the same halo-p2p version on every peer")
+        if type(self.max_seq_len) is not int or self.max_seq_len < 1:
+            raise ConfigError(f"plan body field 'max_seq_len' must be an int >= 1, got {self.max_seq_len!r:.40}",
+                              "give the session a context length of at least one token")
+        if GroupLayout.from_config(self.config, self.placement.layout.mlp_group_size) != self.placement.layout:
+            raise ConfigError("plan body field 'placement' is laid out for another model than field 'config'",
+                              "build the placement from GroupLayout.from_config(config)")
+
+    @property
+    def layout(self) -> GroupLayout:
+        """The model's group layout (the placement's)."""
+        return self.placement.layout
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON/CBOR-ready map sent on the wire: ``version``, ``max_seq_len``, ``config`` (every
+        :class:`ModelConfig` field) and ``placement`` (:meth:`PlacementPlan.to_dict`)."""
+        config = {name: kind(getattr(self.config, name)) for name, kind in _CONFIG_TYPES.items()}
+        return {"version": self.version, "max_seq_len": self.max_seq_len, "config": config,
+                "placement": self.placement.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanBody:
+        """Parse and validate :meth:`to_dict` output.
+
+        Raises:
+            ConfigError: naming the field: another version, a missing or unknown key, a value of
+                the wrong type or range, or a placement that does not fit the config.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"plan body must be a map, got {type(data).__name__}", "send PlanBody.to_dict()")
+        if data.get("version") != PLAN_BODY_VERSION:   # before the keys: another version may have others
+            raise ConfigError(f"plan body version {data.get('version')!r:.40} is not {PLAN_BODY_VERSION}",
+                              "run the same halo-p2p version on every peer")
+        _keys("plan body", data, _BODY_KEYS)
+        placement = data["placement"]
+        if not isinstance(placement, Mapping):
+            raise ConfigError(f"plan body field 'placement' must be a map, got {type(placement).__name__}")
+        size = placement.get("mlp_group_size")
+        if type(size) is not int or size < 1:
+            raise ConfigError(f"plan body field 'placement.mlp_group_size' must be an int >= 1, got {size!r:.40}")
+        config = _config_from(data["config"])
+        try:
+            layout = GroupLayout.from_config(config, size)
+        except ConfigError as exc:
+            raise ConfigError(f"plan body field 'placement.mlp_group_size': {exc.problem}", exc.fix) from None
+        assign = placement.get("assign")
+        listed = (sum(len(v) for v in assign.values() if isinstance(v, (list, tuple)))
+                  if isinstance(assign, Mapping) else 0)
+        n_groups = layout.n_layers * (layout.n_attn + layout.n_mlp)
+        if listed != n_groups:      # checked first: a forged config must not make the layout enumerate 2**40 groups
+            raise ConfigError(f"plan body field 'placement' assigns {listed} groups; the layout of field 'config' "
+                              f"has {n_groups}", "assign every group of every layer to exactly one peer")
+        try:
+            plan = PlacementPlan.from_dict(placement, layout)
+        except PlanError as exc:
+            raise ConfigError(f"plan body field 'placement': {exc.problem}", exc.fix) from None
+        return cls(placement=plan, config=config, max_seq_len=data["max_seq_len"])
+
+
+def _keys(what: str, data: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` unless ``data`` has exactly ``keys``."""
+    want = set(keys)
+    missing, unknown = sorted(want - set(data)), sorted(map(str, set(data) - want))
+    if missing or unknown:
+        raise ConfigError(f"{what} " + "; ".join(
+            ([f"misses field(s) {', '.join(map(repr, missing))}"] if missing else [])
+            + ([f"has unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}"] if unknown else [])),
+            "run the same halo-p2p version on every peer")
+
+
+def _config_from(data: object) -> ModelConfig:
+    """A :class:`ModelConfig` from its map, each field checked against its type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"plan body field 'config' must be a map, got {type(data).__name__}")
+    _keys("plan body field 'config'", data, _CONFIG_TYPES)
+    values: dict[str, Any] = {}
+    for name, kind in _CONFIG_TYPES.items():
+        v = data[name]
+        ok = type(v) is kind or (kind is float and type(v) is int)
+        if not ok:
+            raise ConfigError(f"plan body field 'config.{name}' must be {kind.__name__}, got {type(v).__name__}")
+        values[name] = kind(v)
+    try:
+        return ModelConfig(**values)
+    except HaloError as exc:
+        raise ConfigError(f"plan body field 'config' is invalid: {exc.problem}", exc.fix) from None
+
+
 def _seq(value: object) -> Sequence[object]:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"expected a list, got {type(value).__name__}")
     return value
 
 
-def _triples(value: object) -> Iterable[Sequence[object]]:
+def _triples(value: object) -> Iterable[Sequence[Any]]:
     for item in _seq(value):
         if len(_seq(item)) != 3:
             raise ValueError(f"group entry {item!r} is not [layer, part, index]")

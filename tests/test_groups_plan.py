@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from halo_p2p.errors import ConfigError, PlanError
-from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout, default_mlp_group_size
+from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout, default_mlp_group_size, tensor_names
 from halo_p2p.model.config import ModelConfig
-from halo_p2p.plan import PlacementPlan, proportional_counts
+from halo_p2p.plan import PLAN_BODY_VERSION, PlacementPlan, PlanBody, proportional_counts
 
 SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536,
                       vocab_size=49152, rope_base=100000.0, norm_eps=1e-5, max_seq_len=8192,
@@ -76,3 +78,40 @@ def test_plan_errors() -> None:
     with pytest.raises(PlanError, match="coordinator"):
         PlacementPlan(layout, "x", ("c", "w"), plan.owner)
     assert GroupId(1, MLP, 3) in plan.owner
+
+
+def test_tensor_shapes_are_the_groups_slices_and_their_parameters() -> None:
+    layout = GroupLayout.from_config(SMOLLM2)
+    assert layout.tensor_shapes(ATTN) == {"wq": (192, 576), "wk": (64, 576), "wv": (64, 576), "wo": (576, 192)}
+    assert layout.tensor_shapes(MLP) == {"w1": (64, 576), "w3": (64, 576), "w2": (576, 64)}
+    for part in (ATTN, MLP):
+        shapes = layout.tensor_shapes(part)
+        assert tuple(shapes) == tensor_names(part)
+        assert sum(r * c for r, c in shapes.values()) == layout.group_params(part)
+
+
+def test_plan_body_round_trips_and_names_the_bad_field() -> None:
+    layout = GroupLayout.from_config(SMOLLM2)
+    body = PlanBody(placement=PlacementPlan.split(layout, ["c", "a"]), config=SMOLLM2, max_seq_len=512)
+    data = body.to_dict()
+    assert PlanBody.from_dict(data) == body and body.layout == layout and body.version == PLAN_BODY_VERSION
+    bad = {
+        "plan body version 9 is not 1": {**data, "version": 9},
+        "plan body has unknown field(s) 'n_parity'": {**data, "n_parity": 1},
+        "plan body field 'config.rope_base' must be float, got str": {**data, "config": {**data["config"],
+                                                                                         "rope_base": "1"}},
+        "plan body field 'config' misses field(s) 'dim'": {**data, "config": {k: v for k, v in data["config"].items()
+                                                                             if k != "dim"}},
+        "plan body field 'placement': plan version 2 is not 1": {**data, "placement": {**data["placement"],
+                                                                                       "version": 2}},
+    }
+    for problem, d in bad.items():
+        with pytest.raises(ConfigError) as info:
+            PlanBody.from_dict(d)
+        assert info.value.problem.startswith(problem), info.value.problem
+    small = GroupLayout.from_config(SMOLLM2, mlp_group_size=128)   # a placement of another layout
+    with pytest.raises(ConfigError, match="'placement' is laid out for another model"):
+        PlanBody(placement=PlacementPlan.split(dataclasses.replace(small, dim=64), ["c"]), config=SMOLLM2,
+                 max_seq_len=8)
+    with pytest.raises(ConfigError, match="'max_seq_len' must be an int >= 1"):
+        PlanBody(placement=body.placement, config=SMOLLM2, max_seq_len=0)

@@ -269,13 +269,16 @@ def test_cache_root_needs_a_source_with_identity(source, layout, tmp_path) -> No
                    block_cache=tmp_path)
 
 
-def test_library_pages_through_the_user_block_cache(layout, tmp_path, monkeypatch) -> None:
+def test_library_pages_through_the_user_block_cache(source, layout, tmp_path, monkeypatch) -> None:
     from halo_p2p.node.library import ModelLibrary
+    from halo_p2p.plan import PlacementPlan, PlanBody
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     library = ModelLibrary(["stories260K"], memory_budget_bytes=4 * layout.group_params(MLP) * layout.n_mlp * 2)
     sha = next(iter(library.held))
-    plan_layout, factory = library.open_for_plan(sha, {"placement": {"mlp_group_size": layout.mlp_group_size}})
+    body = PlanBody(placement=PlacementPlan.split(layout, ["c", "w"]), config=source.config, max_seq_len=SEQ)
+    plan_layout, factory = library.open_for_plan(sha, body)
+    assert plan_layout == body.layout
     counts = []
     for _ in range(2):
         with factory(plan_layout.all_groups(), SEQ) as shard:
@@ -313,3 +316,29 @@ def test_answer_rows_sum_the_partials_and_one_row_skips_forming_them(source, lay
                     np.testing.assert_allclose(one[0], p[1:].sum(axis=0), rtol=1e-4, atol=1e-5)
     with pytest.raises(KeyError):
         shard.answer(0, MLP, np.zeros((1, layout.dim), np.float32), 3, [[1]], norms=False)   # an odd group: not held
+
+
+@pytest.mark.parametrize("kind", ["group", "paged"])
+def test_reset_forgets_the_sequence_so_a_gap_is_masked_not_attended(source, layout, kind) -> None:
+    """After ``reset`` (the wire ``Reset``), a position after a gap attends to nothing of the
+    earlier sequence: the answer equals a fresh shard's; without it the old keys leak in."""
+    groups = [g for g in layout.all_groups() if g.part == ATTN]
+    make = {"group": lambda: GroupShard(source, layout, groups, max_seq_len=16),
+            "paged": lambda: PagedShard(source, layout, groups, max_seq_len=16, memory_budget_bytes=1 << 30)}
+    rng = np.random.default_rng(5)
+    old, x = (rng.standard_normal((n, layout.dim)).astype(np.float32) for n in (4, 1))
+    fresh = make[kind]().partials(0, ATTN, x, 4)                   # positions 0..3 never arrived: masked
+    used, reset = make[kind](), make[kind]()
+    for shard in (used, reset):
+        shard.partials(0, ATTN, old, 0)                            # an earlier sequence wrote positions 0..3
+    reset.reset()
+    np.testing.assert_array_equal(reset.partials(0, ATTN, x, 4), fresh)
+    assert not np.allclose(used.partials(0, ATTN, x, 4), fresh)    # the old keys would be attended
+
+
+def test_group_weights_have_the_layouts_tensor_shapes(source, layout) -> None:
+    """What a coordinator streams (``GroupWeights.group``) is what a worker expects (``GroupLayout.tensor_shapes``)."""
+    weights = SliceWeights(source, layout)
+    for part in PARTS:
+        got = weights.group(GroupId(0, part, 1))
+        assert {n: a.shape for n, a in got.items()} == layout.tensor_shapes(part)

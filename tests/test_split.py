@@ -22,16 +22,17 @@ from halo_p2p.net.link import Channel, LinkConditions
 from halo_p2p.net.memory import MemoryLink, memory_link_pair
 from halo_p2p.node.emulate import start_emulated_swarm
 from halo_p2p.node.peer import PeerNode
-from halo_p2p.plan import PlacementPlan
+from halo_p2p.plan import PlacementPlan, PlanBody
 from halo_p2p.profiles import PeerProfile
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
+from halo_p2p.session.frames import SentVector, input_frames
 from halo_p2p.session.generate import Generator
 from halo_p2p.session.sync import NORM_EVERY_STEPS
 from halo_p2p.session.worker import Worker
 from halo_p2p.wire import codec
 from halo_p2p.wire.framing import input_template
-from halo_p2p.wire.messages import LayerInput, Partial, Plan, PlanReady
+from halo_p2p.wire.messages import ErrorReply, LayerInput, Partial, Plan, PlanReady, Reset, SyncMode, WireDtype
 from halo_p2p.wire.quant import wire_format
 from halo_p2p.wire.vector import encode_vector
 
@@ -399,9 +400,9 @@ async def test_worker_refuses_bad_inputs_counts_them_and_keeps_serving(stories) 
     worker = Worker("w", b, opener, ComputeThread("w"))
     task = asyncio.create_task(worker.run())
     try:
-        body = {"placement": plan.to_dict(), "max_seq_len": 64, "config": dataclasses.asdict(source.config)}
+        body = PlanBody(placement=plan, config=source.config, max_seq_len=64)
         await a.send(Channel.RELIABLE, codec.encode(Plan(session=7, model_sha256="0" * 64, plan=body,
-                                                         wire_dtype="q8_0", mode="halo")))
+                                                         wire_dtype=WireDtype.Q8_0, mode=SyncMode.HALO)))
         assert isinstance(codec.decode((await a.recv())[1]), PlanReady)
         held = tuple(g.index for g in plan.groups_of("w") if (g.layer, g.part) == (0, MLP))
         fmt = wire_format("q8_0")
@@ -430,6 +431,114 @@ async def test_worker_refuses_bad_inputs_counts_them_and_keeps_serving(stories) 
         msg = codec.decode((await asyncio.wait_for(a.recv(), 5))[1])
         assert isinstance(msg, Partial) and (msg.step, msg.layer, msg.part) == (3, 0, MLP)
         assert worker.counters["malformed"] >= 4 and worker.counters["bad_groups"] == 1 and not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _answer(a, sent: SentVector) -> np.ndarray:
+    """Send one input's frames over ``a`` and return the answer's values (float32, reliable channel)."""
+    for f in sent.frames:
+        await a.send(sent.channel, f)
+    msg = codec.decode((await asyncio.wait_for(a.recv(), 5))[1])
+    assert isinstance(msg, Partial) and msg.n_data == 1
+    return np.asarray(msg.data, np.float32)
+
+
+async def test_reset_makes_a_worker_forget_the_earlier_sequence(stories) -> None:
+    """Reset clears the worker's KV cache: its answer at a position after a gap equals a fresh
+    worker's (the earlier sequence's keys are not attended); a Reset of another session is ignored."""
+    source, _ = stories
+    layout = GroupLayout.from_config(source.config)
+    plan = PlacementPlan.split(layout, ["c", "w"], coordinator="c")
+    held = tuple(g.index for g in plan.groups_of("w") if (g.layer, g.part) == (0, 0))
+    fmt = wire_format("float32")
+    rng = np.random.default_rng(1)
+    old, x = (rng.standard_normal(n * layout.dim).astype(np.float32) for n in (4, 1))
+
+    def frames(step: int, start_pos: int, values: np.ndarray) -> SentVector:
+        return input_frames(7, step, 0, 0, start_pos=start_pos, n_tokens=values.size // layout.dim, groups=held,
+                            segments=(len(held),), values=values, fmt=fmt, channel=Channel.RELIABLE, parity=False,
+                            cache={})
+
+    def opener(sha, body):
+        return layout, lambda groups, max_seq_len: GroupShard(source, layout, groups, max_seq_len=max_seq_len)
+
+    async def worker_answers(*, earlier: bool, reset: bool) -> tuple[np.ndarray, Worker]:
+        a, b = memory_link_pair("c", "w")
+        worker = Worker("w", b, opener, ComputeThread("w"))
+        task = asyncio.create_task(worker.run())
+        try:
+            body = PlanBody(placement=plan, config=source.config, max_seq_len=64)
+            await a.send(Channel.RELIABLE, codec.encode(Plan(session=7, model_sha256="0" * 64, plan=body,
+                                                             wire_dtype=WireDtype.FLOAT32, mode=SyncMode.STRICT)))
+            assert isinstance(codec.decode((await a.recv())[1]), PlanReady)
+            if earlier:
+                await _answer(a, frames(1, 0, old))                      # positions 0..3 of an earlier sequence
+            await a.send(Channel.RELIABLE, codec.encode(Reset(session=8)))   # another session's: ignored
+            if reset:
+                await a.send(Channel.RELIABLE, codec.encode(Reset(session=7)))
+            return await _answer(a, frames(2, 4, x)), worker                 # position 4: 0..3 are a gap
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    fresh, _ = await worker_answers(earlier=False, reset=False)
+    after_reset, worker = await worker_answers(earlier=True, reset=True)
+    np.testing.assert_array_equal(after_reset, fresh)
+    assert worker.counters["resets"] == 1 and worker.counters["stale"] == 1
+    without, _ = await worker_answers(earlier=True, reset=False)
+    assert not np.allclose(without, fresh)                               # the earlier keys would leak in
+
+
+async def test_a_new_sequence_resets_the_workers_and_stays_exact(stories) -> None:
+    """A forward pass from position 0 after earlier ones sends Reset to every worker (and resets
+    the coordinator's own share); a second conversation still equals one peer."""
+    source, tok = stories
+    params = SamplingParams(temperature=0, max_tokens=8)
+    local = LocalEngine(source, max_seq_len=512)
+    want = [await _generate(local, tok, p, params) for p in ("Once upon a time", "Tom and Sue")]
+    await local.aclose()
+    swarm = await start_emulated_swarm(source, _profiles([1, 1, 1]),
+                                       SessionOptions(mode="strict", wire_dtype="float32", max_seq_len=512),
+                                       critical="all")
+    try:
+        got = [await _generate(swarm.coordinator, tok, p, params) for p in ("Once upon a time", "Tom and Sue")]
+        resets = [w.counters["resets"] for w in swarm.workers]
+    finally:
+        await swarm.aclose()
+    assert resets == [3, 3]        # the first prefill replay, the second prompt, its prefill replay
+    for (tokens, logits), (want_tokens, want_logits) in zip(got, want, strict=True):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+
+
+async def test_a_plan_with_a_bad_body_is_refused_at_once_naming_the_field(stories) -> None:
+    """A Plan whose body does not validate is a malformed frame: the worker counts it and, as it
+    came on the reliable channel, answers ErrorReply(decode_error) naming the field (so the
+    coordinator does not wait for its setup timeout); it still takes a good plan afterwards."""
+    import cbor2
+
+    source, _ = stories
+    layout = GroupLayout.from_config(source.config)
+    body = PlanBody(placement=PlacementPlan.split(layout, ["c", "w"]), config=source.config, max_seq_len=64)
+    a, b = memory_link_pair("c", "w")
+
+    def opener(sha, body):
+        return layout, lambda groups, max_seq_len: GroupShard(source, layout, groups, max_seq_len=max_seq_len)
+
+    worker = Worker("w", b, opener, ComputeThread("w"))
+    task = asyncio.create_task(worker.run())
+    try:
+        bad = {**body.to_dict(), "max_seq_len": "64"}
+        await a.send(Channel.RELIABLE, cbor2.dumps([2, 8, 7, "0" * 64, bad, "q8_0", "halo"]))
+        reply = codec.decode((await asyncio.wait_for(a.recv(), 5))[1])
+        assert isinstance(reply, ErrorReply) and reply.code == "decode_error"
+        assert "field 'plan'" in reply.message and "'max_seq_len' must be an int >= 1, got '64'" in reply.message
+        assert worker.counters["malformed"] == 1 and worker.shard is None
+        await a.send(Channel.RELIABLE, codec.encode(Plan(session=7, model_sha256="0" * 64, plan=body,
+                                                         wire_dtype=WireDtype.Q8_0, mode=SyncMode.HALO)))
+        assert isinstance(codec.decode((await asyncio.wait_for(a.recv(), 5))[1]), PlanReady)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from halo_p2p.errors import WireError
-from halo_p2p.session.sync import Answer, ResponseTimer, SyncPoint, answer_layout
+from halo_p2p.session.sync import (
+    Action,
+    Answer,
+    Decision,
+    ResendOrder,
+    ResponseTimer,
+    SyncPoint,
+    WaitRules,
+    answer_layout,
+    decide,
+)
 from halo_p2p.wire.messages import Partial
 from halo_p2p.wire.quant import wire_format
 from halo_p2p.wire.vector import chunk_count, encode_vector
@@ -113,3 +123,91 @@ def test_q8_0_answers_sum_what_the_format_keeps() -> None:
     kept = wire_format("q8_0").unpack(wire_format("q8_0").pack(rows.reshape(-1)), DIM)
     np.testing.assert_array_equal(sp.close(2.0).reshape(-1), kept)
     assert 0 < np.abs(kept - rows.reshape(-1)).max() < 0.02
+
+
+# --- the wait decision: a pure function of the sync point's state ---------------------------------
+
+RULES = WaitRules(halo=True, strict=False, stall_timeout_s=30.0, resend_interval_s=0.005, silence_gap_s=0.02)
+
+
+def _armed(answers: dict[str, Answer], critical: frozenset[int], deadline_s: dict[str, float],
+           srtt_s: float | None = None) -> SyncPoint:
+    """A sync point sent at t = 0 whose peers' deadlines are ``deadline_s`` (timers still warming
+    up: their deadline is their initial one) and whose smoothed RTT is ``srtt_s``."""
+    sp = _point(answers, critical)
+    timers = {p: ResponseTimer(initial_s=d) for p, d in deadline_s.items()}
+    for t in timers.values():
+        t.srtt = srtt_s
+    sp.arm(timers)
+    return sp
+
+
+def _wait_state(sp: SyncPoint) -> tuple:
+    per_peer = [(s.deadline_s, s.next_resend_s, s.last_resend_s, s.timer.backoff_factor) for s in sp.peers.values()]
+    return sp.record.resends, set(sp.retried), per_peer
+
+
+def test_halo_waits_for_other_groups_only_until_each_owners_deadline() -> None:
+    sp = _armed({"w": Answer((1,), (1,)), "v": Answer((2,), (1,))}, frozenset(), {"w": 0.01, "v": 0.03})
+    before = _wait_state(sp)
+    d = decide(sp, 0.0, RULES, unreliable=True, dead=set(), progress_s=0.0)
+    assert d == Decision(Action.WAIT, 0.01) and _wait_state(sp) == before           # pure: nothing changed
+    assert decide(sp, 0.02, RULES, unreliable=True, dead=set(), progress_s=0.0) == Decision(Action.WAIT, 0.03)
+    assert decide(sp, 0.03, RULES, unreliable=True, dead=set(), progress_s=0.0).action is Action.DONE
+    strict = dataclasses.replace(RULES, halo=False)       # strict modes wait for every answer, then stall
+    assert decide(sp, 0.03, strict, unreliable=False, dead=set(), progress_s=0.0) == Decision(Action.WAIT, 30.03)
+    stall = decide(sp, 40.0, strict, unreliable=False, dead=set(), progress_s=0.0)
+    assert stall.action is Action.STALL and stall.peers == ("v", "w")
+
+
+def test_a_missing_critical_answer_is_asked_again_with_back_off() -> None:
+    frames = _answer_frames(np.ones((1, DIM), np.float32))            # 3 data chunks + 1 parity
+    sp = _armed({"w": Answer((4,), (1,))}, frozenset({4}), {"w": 0.05}, srtt_s=0.01)   # interval max(5 ms, 2 srtt)
+    assert decide(sp, 0.01, RULES, unreliable=True, dead=set(), progress_s=0.0) == Decision(Action.WAIT, 0.05)
+    d = decide(sp, 0.05, RULES, unreliable=True, dead=set(), progress_s=0.0)
+    order = ResendOrder("w", (0, 1, 2), pytest.approx(0.05 + 0.02), True)   # nothing heard: the timer backs off
+    assert d.action is Action.WAIT and d.resend == (order,) and d.until_s == pytest.approx(0.07)
+    assert sp.record.resends == 0 and not sp.retried                  # decide only decides
+    sp.resent(d.resend[0], 0.05)
+    assert sp.record.resends == 1 and sp.retried == {"w"} and sp.peers["w"].timer.backoff_factor == 2
+    assert decide(sp, 0.06, RULES, unreliable=True, dead=set(), progress_s=0.0) == Decision(Action.WAIT,
+                                                                                           pytest.approx(0.07))
+    assert sp.add("w", frames[0], 0.065)                              # a chunk arrives: not all
+    d = decide(sp, 0.07, RULES, unreliable=True, dead=set(), progress_s=0.065)
+    assert d.resend == (ResendOrder("w", (1, 2), pytest.approx(0.07 + 0.04), False),)   # 2nd: interval x2
+    sp.resent(d.resend[0], 0.07)
+    for msg in frames[1:3]:
+        sp.add("w", msg, 0.08)
+    assert decide(sp, 0.08, RULES, unreliable=True, dead=set(), progress_s=0.08).action is Action.DONE
+    assert sp.response_sample_s("w") is None                          # resent: no timing sample (Karn)
+
+
+def test_a_burst_gone_silent_is_asked_again_before_the_deadline_and_reliable_steps_never() -> None:
+    frames = _answer_frames(np.ones((1, DIM), np.float32))
+    sp = _armed({"w": Answer((4,), (1,))}, frozenset({4}), {"w": 1.0})
+    sp.add("w", frames[0], 0.01)                                      # the rest of the burst is lost
+    assert decide(sp, 0.02, RULES, unreliable=True, dead=set(), progress_s=0.01) == Decision(Action.WAIT, 0.03)
+    d = decide(sp, 0.03, RULES, unreliable=True, dead=set(), progress_s=0.01)
+    assert d.resend == (ResendOrder("w", (1, 2), pytest.approx(0.035), False),)   # heard from: no back-off
+    reliable = decide(sp, 0.03, RULES, unreliable=False, dead=set(), progress_s=0.01)
+    assert reliable == Decision(Action.WAIT, 30.03)                  # reliable answers just arrive
+
+
+def test_lost_workers_fail_a_strict_step_and_count_as_missing_otherwise() -> None:
+    answers = {"w": Answer((4,), (1,)), "v": Answer((5,), (1,))}
+    sp = _armed(answers, frozenset({4, 5}), {"w": 0.05, "v": 0.05})
+    strict = dataclasses.replace(RULES, halo=False, strict=True)
+    assert decide(sp, 0.0, strict, unreliable=False, dead={"v"}, progress_s=0.0) == Decision(Action.LOST, 0.0,
+                                                                                            peers=("v",))
+    for msg in _answer_frames(np.ones((1, DIM), np.float32)):
+        sp.add("w", msg, 0.01)
+    assert decide(sp, 0.01, RULES, unreliable=True, dead={"v"}, progress_s=0.0).action is Action.DONE
+    assert sp.answered("w") and not sp.answered("v") and sp.response_sample_s("w") == 0.01
+
+
+def test_recall_is_measured_from_the_answers_and_the_known_norms() -> None:
+    norms = np.array([5.0, 1.0], np.float16)
+    sp = _point({"w": Answer((0, 1), (2,))}, frozenset({0}))
+    assert sp.measure_recall(frozenset({0, 2}), {2: 4.0}, 4) is None      # group 3's norm unknown
+    sp.add("w", _answer_frames(np.ones((1, DIM), np.float32), norms=norms)[0], 0.0)
+    assert sp.measure_recall(frozenset({0, 2}), {2: 0.5, 3: 3.0}, 4) == 0.5 == sp.record.recall   # top-2: 0 and 3

@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 
 from halo_p2p.errors import DecodeError, VersionMismatch, WireError
+from halo_p2p.groups import ATTN_TENSORS, MLP_TENSORS, GroupLayout
+from halo_p2p.model.config import ModelConfig
+from halo_p2p.plan import PlacementPlan, PlanBody
 from halo_p2p.wire import (
     MESSAGE_TYPES,
     REGISTRY,
@@ -40,12 +43,26 @@ from halo_p2p.wire import (
     payload_budget,
     wire_format,
 )
-from halo_p2p.wire.messages import GroupTensor, SignalAnswer, SignalOffer, SignalRefused, WeightsDone, WeightsWanted
+from halo_p2p.wire.messages import (
+    GroupTensor,
+    SignalAnswer,
+    SignalOffer,
+    SignalRefused,
+    SyncMode,
+    WeightsDone,
+    WeightsWanted,
+    WireDtype,
+)
 
 R = dataclasses.replace
 GOLDEN = Path(__file__).parent / "data" / "wire"
 SESSION = 0x12345678
 SHA = "0123456789abcdef" * 4
+TINY = ModelConfig(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, hidden_dim=8, vocab_size=16,
+                   rope_base=10000.0, norm_eps=1e-5, max_seq_len=32, tied_embeddings=True)
+BODY = PlanBody(placement=PlacementPlan.split(GroupLayout.from_config(TINY, 4), ["a", "b"]), config=TINY,
+                max_seq_len=16)
+BODY_MAP = BODY.to_dict()
 
 EXAMPLES: dict[type, Message] = {
     LayerInput: LayerInput(session=SESSION, step=7, layer=3, part=1, start_pos=12, n_tokens=1, groups=(4, 9, 2),
@@ -55,8 +72,8 @@ EXAMPLES: dict[type, Message] = {
                      norms=np.array([1.5, 0.25], np.float16), data=np.array([0.25, -0.0, 1.5], np.float32)),
     Resend: Resend(session=SESSION, step=7, layer=3, part=0, chunks=(1, 5, 30)),
     NeedInput: NeedInput(session=SESSION, step=7, layer=3, part=1),
-    Plan: Plan(session=SESSION, model_sha256=SHA, plan={"groups": {"0": [0, 1]}, "peers": ["a", "b"]},
-               wire_dtype="q8_0", mode="strict-unreliable"),
+    Plan: Plan(session=SESSION, model_sha256=SHA, plan=BODY, wire_dtype=WireDtype.Q8_0,
+               mode=SyncMode.STRICT_UNRELIABLE),
     PlanReady: PlanReady(session=SESSION, weight_bytes=5_000_000_000, load_s=1.25),
     Reset: Reset(session=SESSION),
     Bye: Bye(reason="shutting down"),
@@ -148,21 +165,8 @@ def random_uint(rng: np.random.Generator, max_value: int = 2**32 - 1) -> int:
     return int.from_bytes(rng.bytes(9)) % (max_value + 1)
 
 
-def random_json(rng: np.random.Generator, depth: int = 0) -> Any:
-    pick = int(rng.integers(0, 8 if depth < 3 else 6))
-    if pick == 0:
-        return None
-    if pick == 1:
-        return bool(rng.integers(2))
-    if pick == 2:
-        return int(rng.integers(-(2**62), 2**62))
-    if pick == 3:
-        return float(rng.standard_normal())
-    if pick in (4, 5):
-        return "".join(chr(int(c)) for c in rng.integers(32, 0x3000, size=int(rng.integers(0, 6))))
-    if pick == 6:
-        return [random_json(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
-    return {f"k{i}": random_json(rng, depth + 1) for i in range(int(rng.integers(0, 4)))}
+def random_text(rng: np.random.Generator) -> str:
+    return "".join(chr(int(c)) for c in rng.integers(32, 0x3000, size=int(rng.integers(0, 6))))
 
 
 def random_array(rng: np.random.Generator, dtype: str) -> np.ndarray:
@@ -173,6 +177,20 @@ def random_array(rng: np.random.Generator, dtype: str) -> np.ndarray:
     if rng.random() < 0.2:
         arr = np.repeat(arr, 2)[::2]  # not contiguous
     return arr
+
+
+def random_body(rng: np.random.Generator, u: Any) -> PlanBody:
+    """A valid plan body of a small random model, split among 1 to 4 peers by random shares."""
+    kv, head_dim, hidden = int(rng.integers(1, 4)), 2 * int(rng.integers(1, 5)), int(rng.choice([4, 6, 12, 64]))
+    config = ModelConfig(dim=int(rng.integers(1, 2000)), n_layers=int(rng.integers(1, 5)),
+                         n_heads=kv * int(rng.integers(1, 4)), n_kv_heads=kv, head_dim=head_dim, hidden_dim=hidden,
+                         vocab_size=max(1, u()), rope_base=float(rng.random() * 1e6), norm_eps=float(rng.random()),
+                         max_seq_len=max(1, u()), tied_embeddings=bool(rng.random() < 0.5))
+    size = int(rng.choice([d for d in range(1, hidden + 1) if hidden % d == 0]))
+    peers = [random_text(rng) + str(i) for i in range(int(rng.integers(1, 5)))]
+    placement = PlacementPlan.split(GroupLayout.from_config(config, size), peers,
+                                    shares=[float(rng.random()) + 0.01 for _ in peers])
+    return PlanBody(placement=placement, config=config, max_seq_len=max(1, u()))
 
 
 def random_message(rng: np.random.Generator) -> Message:
@@ -199,10 +217,8 @@ def random_message(rng: np.random.Generator) -> Message:
         return NeedInput(**where)
     if cls is Plan:
         sha = "".join(rng.choice(list("0123456789abcdef"), 64))
-        plan = {"layers": [random_json(rng) for _ in range(3)], "n": u(), "m": {"x": random_json(rng)}}
-        wire_dtype = str(rng.choice(["float16", "float32", "q8_0"]))
-        mode = str(rng.choice(["strict", "strict-unreliable", "halo"]))
-        return Plan(session=u(), model_sha256=sha, plan=plan, wire_dtype=wire_dtype, mode=mode)
+        return Plan(session=u(), model_sha256=sha, plan=random_body(rng, u),
+                    wire_dtype=WireDtype(rng.choice(list(WireDtype))), mode=SyncMode(rng.choice(list(SyncMode))))
     if cls is PlanReady:
         return PlanReady(session=u(), weight_bytes=random_uint(rng, 2**64 - 1),
                          load_s=float(rng.random() * 100))
@@ -367,9 +383,35 @@ BAD_FRAMES = {
     "NaN": (frame(2, 13, 1, math.nan), "Heartbeat field 'sent_s' must be finite, got nan"),
     "str for float": (frame(2, 13, 1, "0"), "field 'sent_s' must be float, got str"),
     "bad utf-8": (bytes.fromhex("8302") + b"\x0b" + b"\x62\xc3\x28", "not valid CBOR"),
-    "literal": (frame(2, 8, 1, SHA, {}, "float16", "fast"),
+    "literal": (frame(2, 8, 1, SHA, BODY_MAP, "float16", "fast"),
                 "field 'mode' must be one of 'strict', 'strict-unreliable', 'halo'"),
-    "sha": (frame(2, 8, 1, "AB" * 32, {}, "float16", "halo"), "model_sha256 must be 64 lowercase hex"),
+    "dtype": (frame(2, 8, 1, SHA, BODY_MAP, "bfloat16", "halo"),
+              "field 'wire_dtype' must be one of 'float16', 'float32', 'q8_0', got 'bfloat16'"),
+    "sha": (frame(2, 8, 1, "AB" * 32, BODY_MAP, "float16", "halo"), "model_sha256 must be 64 lowercase hex"),
+    "body version": (frame(2, 8, 1, SHA, {**BODY_MAP, "version": 2}, "float16", "halo"),
+                     "Plan field 'plan' is invalid: plan body version 2 is not 1"),
+    "body empty": (frame(2, 8, 1, SHA, {}, "float16", "halo"), "plan body version None is not 1"),
+    "body n_parity": (frame(2, 8, 1, SHA, {**BODY_MAP, "n_parity": 1}, "float16", "halo"),
+                      "plan body has unknown field(s) 'n_parity'"),
+    "body no config": (frame(2, 8, 1, SHA, {k: v for k, v in BODY_MAP.items() if k != "config"}, "float16", "halo"),
+                       "plan body misses field(s) 'config'"),
+    "body max_seq_len": (frame(2, 8, 1, SHA, {**BODY_MAP, "max_seq_len": 0}, "float16", "halo"),
+                         "plan body field 'max_seq_len' must be an int >= 1, got 0"),
+    "body config type": (frame(2, 8, 1, SHA, {**BODY_MAP, "config": {**BODY_MAP["config"], "dim": 8.0}}, "float16",
+                               "halo"), "plan body field 'config.dim' must be int, got float"),
+    "body config value": (frame(2, 8, 1, SHA, {**BODY_MAP, "config": {**BODY_MAP["config"], "n_kv_heads": 3}},
+                                "float16", "halo"), "plan body field 'config' is invalid: n_heads=2 is not a multiple"),
+    "body group size": (frame(2, 8, 1, SHA, {**BODY_MAP, "placement": {**BODY_MAP["placement"], "mlp_group_size": 3}},
+                              "float16", "halo"), "'placement.mlp_group_size': MLP group size 3 does not divide"),
+    "body placement": (frame(2, 8, 1, SHA, {**BODY_MAP, "placement": {**BODY_MAP["placement"], "assign": {"a": []}}},
+                             "float16", "halo"), "plan body field 'placement' assigns 0 groups; the layout of field"),
+    "body twice": (frame(2, 8, 1, SHA, {**BODY_MAP, "placement": {**BODY_MAP["placement"], "assign": {
+        "a": [[0, 0, 0], [0, 1, 0]], "b": [[0, 1, 0]]}}}, "float16", "halo"),
+        "plan body field 'placement': group L0.mlp0 is assigned twice ('a' and 'b')"),
+    "body huge layout": (frame(2, 8, 1, SHA, {**BODY_MAP, "config": {**BODY_MAP["config"], "n_layers": 2**40}},
+                               "float16", "halo"), "assigns 3 groups; the layout of field 'config' has 3298534883328"),
+    "body placement list": (frame(2, 8, 1, SHA, {**BODY_MAP, "placement": []}, "float16", "halo"),
+                            "plan body field 'placement' must be a map, got list"),
     "plan list": (frame(2, 8, 1, SHA, [], "float16", "halo"), "field 'plan' must be dict, got list"),
     "plan int key": (frame(2, 8, 1, SHA, {1: 2}, "float16", "halo"), "must have str keys, got int"),
     "plan tag": (frame(2, 8, 1, SHA, {"t": cbor2.CBORTag(1, 0)}, "float16", "halo"),
@@ -478,9 +520,9 @@ def test_mutated_frames_raise_only_wire_errors() -> None:
     (R(EXAMPLES[LayerInput], segments=(3,), groups=(1, 1, 2)), "must be non-empty and distinct"),
     (R(EXAMPLES[PlanReady], load_s=1), "field 'load_s' must be float, got int"),
     (R(EXAMPLES[PlanReady], weight_bytes=2**64), "'weight_bytes' must be in [0, 18446744073709551615]"),
-    (R(EXAMPLES[Plan], plan={"a": (1, 2)}), "JSON-like values"),
-    (R(EXAMPLES[Plan], plan={1: 2}), "field 'plan' must have str keys, got int"),
+    (R(EXAMPLES[Plan], plan=BODY_MAP), "cannot encode Plan: field 'plan' must be PlanBody, got dict"),
     (R(EXAMPLES[Plan], mode="fast"), "field 'mode' must be one of 'strict', 'strict-unreliable', 'halo', got 'fast'"),
+    (R(EXAMPLES[Plan], wire_dtype=1), "field 'wire_dtype' must be str, got int"),
     (R(EXAMPLES[Plan], model_sha256="x"), "model_sha256 must be 64 lowercase hex digits"),
     (R(EXAMPLES[Heartbeat], sent_s=math.inf), "must be finite, got inf"),
     (R(EXAMPLES[LayerInput], chunk=2), "parity chunk 2 must be uint8, uint16 or uint32"),
@@ -491,6 +533,20 @@ def test_encode_refuses_invalid_messages(msg: Any, message: str) -> None:
     with pytest.raises(WireError) as info:
         encode(msg)
     assert message in str(info.value)
+
+
+def test_plan_decodes_to_its_typed_body_and_enums() -> None:
+    back = decode(encode(EXAMPLES[Plan]))
+    assert isinstance(back, Plan) and back.plan == BODY and back.plan.layout == BODY.layout
+    assert back.mode is SyncMode.STRICT_UNRELIABLE and back.wire_dtype is WireDtype.Q8_0
+    as_strings = R(EXAMPLES[Plan], mode="strict-unreliable", wire_dtype="q8_0")   # plain strings encode the same
+    assert encode(as_strings) == encode(EXAMPLES[Plan])
+    assert set(BODY_MAP) == {"version", "max_seq_len", "config", "placement"}    # no unread key (n_parity) is sent
+
+
+def test_group_tensor_names_are_the_groups_tensor_names() -> None:
+    hint = typing.get_type_hints(GroupTensor)["name"]
+    assert set(typing.get_args(hint)) == set(ATTN_TENSORS + MLP_TENSORS)
 
 
 def test_wire_version_is_two() -> None:

@@ -65,6 +65,11 @@ class GroupCompute(Protocol):
 
     def weight_bytes(self) -> int: ...
 
+    def reset(self) -> None:
+        """Forget every position of the KV caches (a new sequence): nothing written before is
+        attended again."""
+        ...
+
 
 class GroupWeights(Protocol):
     """Weight slices of one neuron group by name (see :class:`halo_p2p.model.shard.GroupWeights`)."""

@@ -144,6 +144,13 @@ class PagedShard:
         """Indices of the groups held at sync point (layer, part), in partial order."""
         return self.index.get((layer, part), [])
 
+    def reset(self) -> None:
+        """Forget every position of the KV caches (a new sequence, the wire ``Reset``): all are
+        masked out until written again."""
+        for layer, cache in self.caches.items():
+            cache.invalidate(0, self.max_seq_len)
+            self.written[layer] = 0
+
     def weight_bytes(self) -> int:
         """Bytes of the weight blocks resident now (float32), excluding KV caches."""
         with self._lock:

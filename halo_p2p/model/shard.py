@@ -118,6 +118,13 @@ class GroupShard:
         """Indices of the groups held at sync point (layer, part), in partial order."""
         return self.index.get((layer, part), [])
 
+    def reset(self) -> None:
+        """Forget every position of the KV caches (a new sequence, the wire ``Reset``): all are
+        masked out until written again."""
+        for layer, cache in self.caches.items():
+            cache.invalidate(0, self.max_seq_len)
+            self.written[layer] = 0
+
     def weight_bytes(self) -> int:
         """Resident bytes of the held weights."""
         ts = [a.wqkv for a in self.attention.values()] + [a.wo for a in self.attention.values()]

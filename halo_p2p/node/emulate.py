@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from halo_p2p.discovery import MemoryDiscovery, MemoryNetwork, model_entry
 from halo_p2p.engine.probe import measure_gflops
@@ -28,6 +27,7 @@ from halo_p2p.net.connector import MemoryConnector
 from halo_p2p.net.memory import MemoryHub
 from halo_p2p.node.peer import NodeConfig, PeerNode
 from halo_p2p.node.swarm import open_split_engine
+from halo_p2p.plan import PlanBody
 from halo_p2p.predictor import Predictor
 from halo_p2p.profiles import PeerProfile
 from halo_p2p.scheduler import UNLIMITED_BYTES
@@ -50,8 +50,8 @@ _ADDRESS = "127.0.0.1"
 def _open_shared(source: TensorSource) -> ModelOpener:
     """The workers' model opener: every plan is served from the one shared ``source``."""
 
-    def open_model(sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
-        lay = GroupLayout.from_config(source.config, int(body["placement"]["mlp_group_size"]))
+    def open_model(sha256: str, body: PlanBody) -> tuple[GroupLayout, ShardFactory]:
+        lay = GroupLayout.from_config(source.config, body.layout.mlp_group_size)
         return lay, lambda groups, max_seq_len: GroupShard(source, lay, groups, max_seq_len=max_seq_len)
 
     return open_model

@@ -5,22 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from halo_p2p.discovery import model_entry
 from halo_p2p.engine.protocol import GroupCompute
-from halo_p2p.errors import HaloError, ModelNotFound
+from halo_p2p.errors import ModelNotFound
 from halo_p2p.groups import GroupLayout
 from halo_p2p.model.block_cache import BlockCache, default_cache_root
-from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.loader import LoadedModel, open_model
 from halo_p2p.model.paged import PagedShard
 from halo_p2p.model.registry import KNOWN_MODELS, cache_dir, sha256_file
 from halo_p2p.model.shard import GroupShard, SliceWeights
 from halo_p2p.node.weight_cache import DiskGroupCache
+from halo_p2p.plan import PlanBody
 from halo_p2p.session.worker import NeedWeights, ShardFactory
 
 __all__ = ["HeldModel", "ModelLibrary", "file_sha256"]
@@ -93,14 +92,16 @@ class ModelLibrary:
     def find(self, sha256: str) -> HeldModel | None:
         return self.held.get(sha256)
 
-    def open_for_plan(self, sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
-        """The :data:`~halo_p2p.session.worker.ModelOpener` of this peer's workers.
+    def open_for_plan(self, sha256: str, body: PlanBody) -> tuple[GroupLayout, ShardFactory]:
+        """The :data:`~halo_p2p.session.worker.ModelOpener` of this peer's workers: the layout of
+        the model ``sha256`` cut as ``body`` says, and a factory of shards of it (from the model
+        file, paged within the memory budget; else from streamed weights, by ``body.config``).
 
         Raises:
-            HaloError: this peer does not hold the model (the coordinator then leaves it out).
+            ConfigError: the plan's MLP group size does not divide this model's MLP width.
         """
         held = self.find(sha256)
-        group_size = int(body["placement"]["mlp_group_size"])
+        group_size = body.layout.mlp_group_size
         if held is not None:
             source = held.model.source
             layout = GroupLayout.from_config(source.config, group_size)
@@ -118,11 +119,7 @@ class ModelLibrary:
                 return GroupShard(weights, layout, groups, max_seq_len=max_seq_len)
 
             return layout, factory
-        try:
-            config = ModelConfig(**body["config"])
-        except (KeyError, TypeError) as exc:
-            raise HaloError(f"this peer does not hold the model with sha256 {sha256[:16]} and the plan carries "
-                            f"no model config ({exc})", "pull the model on this peer") from None
+        config = body.config            # this peer does not hold the file: build shards from streamed weights
         layout = GroupLayout.from_config(config, group_size)
         cache = DiskGroupCache(sha256, config)
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from halo_p2p.discovery import Discovery, PeerInfo
 from halo_p2p.engine.compute import ComputeThread
@@ -28,6 +28,7 @@ from halo_p2p.errors import ConfigError
 from halo_p2p.groups import GroupLayout
 from halo_p2p.net.connector import Connector, WebRtcConnector
 from halo_p2p.net.link import Link
+from halo_p2p.plan import PlanBody
 from halo_p2p.session.worker import ShardFactory, Worker
 
 __all__ = [
@@ -94,7 +95,7 @@ class ModelProvider(Protocol):
         """``name@sha16`` of each model, as announced in discovery."""
         ...
 
-    def open_for_plan(self, sha256: str, body: Mapping[str, Any]) -> tuple[GroupLayout, ShardFactory]:
+    def open_for_plan(self, sha256: str, body: PlanBody) -> tuple[GroupLayout, ShardFactory]:
         """The :data:`~halo_p2p.session.worker.ModelOpener` of this peer's workers."""
         ...
 

@@ -3,9 +3,11 @@
 Per forward pass and per sync point (layer, part) — see :mod:`halo_p2p.groups` — it sends the
 normalized input to every worker holding groups there, in the session's wire format (Q8_0
 blocks by default; XOR parity on links that measured loss), naming the rows the worker must
-answer with (:func:`~halo_p2p.session.sync.answer_layout`: normally one sum of all its
+answer with (:func:`~halo_p2p.session.frames.answer_layout`: normally one sum of all its
 groups), computes its own groups meanwhile, collects the answers and sums what arrived into the
-residual stream (a gather-and-sum all-reduce at the coordinator):
+residual stream (a gather-and-sum all-reduce at the coordinator). How long it waits, and when it
+asks again (``Resend``), is decided by :func:`~halo_p2p.session.sync.decide`, a pure function of
+the sync point's state; ``_wait`` only carries its decisions out:
 
 * ``strict``: inputs and answers travel on the reliable channel and it waits for every answer
   (classic tensor parallelism; a lost packet costs an SCTP retransmission, RTO >= 1 s).
@@ -14,7 +16,7 @@ residual stream (a gather-and-sum all-reduce at the coordinator):
   can do on this transport, the baseline that isolates what skipping groups buys.
 * ``halo``: as ``strict-unreliable``, but only the critical groups must arrive: an answer holding
   none is waited for only until its owner's deadline, derived from measured response times
-  (:class:`~halo_p2p.session.sync.ResponseTimer`); what is missing counts as zero. Prompts (more
+  (:class:`~halo_p2p.session.records.ResponseTimer`); what is missing counts as zero. Prompts (more
   than one token) treat every group as critical and travel the reliable channel.
 
 Reference: HALO (Zheng et al., INFOCOM 2026, arXiv 2601.11676), relaxed synchronization.
@@ -23,7 +25,6 @@ Reference: HALO (Zheng et al., INFOCOM 2026, arXiv 2601.11676), relaxed synchron
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
@@ -35,33 +36,27 @@ import numpy as np
 from halo_p2p.engine.compute import HANDOFF_S, ComputeThread
 from halo_p2p.engine.protocol import GroupCompute, GroupWeights, TrunkCompute
 from halo_p2p.errors import ConfigError, LinkClosed, PeerLost, TransportError, WireError
-from halo_p2p.groups import MLP, PARTS, GroupId
+from halo_p2p.groups import MLP, PARTS, GroupId, tensor_names
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Channel, Link
-from halo_p2p.plan import PlacementPlan
+from halo_p2p.plan import PlacementPlan, PlanBody
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy
-from halo_p2p.session.frames import send_paced
-from halo_p2p.session.sync import (
+from halo_p2p.session.frames import (
+    UNSTABLE_PLR,
     Answer,
-    ResponseTimer,
-    StepRecord,
-    SyncPoint,
+    SentVector,
+    answer_chunk_count,
     answer_layout,
+    input_frames,
     measured_lossy,
+    send_paced,
     sends_norms,
     step_channel,
 )
+from halo_p2p.session.sync import Action, ResponseTimer, StepRecord, SyncPoint, SyncRecord, WaitRules, decide
 from halo_p2p.wire import codec
-from halo_p2p.wire.framing import (
-    RELIABLE_CHUNK_BYTES,
-    answer_chunks,
-    answer_template,
-    encode_frames,
-    input_template,
-)
+from halo_p2p.wire.framing import RELIABLE_CHUNK_BYTES
 from halo_p2p.wire.messages import (
-    SYNC_MODES,
-    WIRE_DTYPES,
     ErrorReply,
     GroupTensor,
     NeedInput,
@@ -70,19 +65,21 @@ from halo_p2p.wire.messages import (
     PlanReady,
     Resend,
     Reset,
+    SyncMode,
     WeightsDone,
     WeightsWanted,
+    WireDtype,
 )
 from halo_p2p.wire.quant import wire_format
 from halo_p2p.wire.vector import EncodedVector
 
-__all__ = ["Coordinator", "SessionOptions"]
+__all__ = ["UNSTABLE_PLR", "Coordinator", "SessionOptions"]
 
 log = logging.getLogger(__name__)
 
 _RECENT_SYNC_POINTS = 8
-_SILENCE_GAP_S = 0.02  # a burst of chunks silent this long has lost its rest
-UNSTABLE_PLR = 0.01     # a link measured lossier than this makes its peer "unstable" (dynamic placement)
+
+
 def _settle(fut: asyncio.Future[bool], value: bool) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -93,12 +90,14 @@ class SessionOptions:
     """Settings of one split-model session.
 
     Attributes:
-        mode: ``"strict"``, ``"strict-unreliable"`` or ``"halo"`` (see the module docstring).
-        wire_dtype: activation format on the wire: ``"q8_0"`` (default: 8-bit blocks, 1.06 bytes
-            per value), ``"float16"`` or ``"float32"`` (lossless).
+        mode: :class:`~halo_p2p.wire.messages.SyncMode` (``"strict"``, ``"strict-unreliable"`` or
+            ``"halo"``, see the module docstring); a plain string is converted.
+        wire_dtype: activation format on the wire (:class:`~halo_p2p.wire.messages.WireDtype`):
+            ``"q8_0"`` (default: 8-bit blocks, 1.06 bytes per value), ``"float16"`` or
+            ``"float32"`` (lossless); a plain string is converted.
         fec: XOR parity on the unreliable channel for links whose heartbeats measured loss.
         split_critical: in ``halo`` decode steps, ask a worker holding critical and other groups
-            for two sums instead of one (:func:`~halo_p2p.session.sync.answer_layout`).
+            for two sums instead of one (:func:`~halo_p2p.session.frames.answer_layout`).
         max_seq_len: KV-cache length of every peer (tokens).
         initial_deadline_s: per-peer deadline before response times are measured.
         deadline_k: deviations of slack in the deadline (RFC 6298's 4).
@@ -106,10 +105,14 @@ class SessionOptions:
         resend_interval_s: smallest interval between Resend requests for one sync point.
         stall_timeout_s: give up on a sync point after this long without progress.
         setup_timeout_s: how long workers may take to load their groups.
+
+    Raises:
+        ConfigError: an unknown mode or wire dtype, ``max_seq_len`` < 1, a negative time or
+            ``deadline_k``, or a timeout that is not positive.
     """
 
-    mode: str = "halo"
-    wire_dtype: str = "q8_0"
+    mode: SyncMode = SyncMode.HALO
+    wire_dtype: WireDtype = WireDtype.Q8_0
     fec: bool = True
     split_critical: bool = False
     max_seq_len: int = 2048
@@ -121,10 +124,20 @@ class SessionOptions:
     setup_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.mode not in SYNC_MODES:
-            raise ConfigError(f"sync mode {self.mode!r} is unknown", f"use one of {', '.join(SYNC_MODES)}")
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ConfigError(f"wire dtype {self.wire_dtype!r} is unknown", f"use one of {', '.join(WIRE_DTYPES)}")
+        for name, what, kind in (("mode", "sync mode", SyncMode), ("wire_dtype", "wire dtype", WireDtype)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except (ValueError, TypeError):
+                raise ConfigError(f"{what} {value!r} is unknown", f"use one of {', '.join(kind)}") from None
+        if self.max_seq_len < 1:
+            raise ConfigError(f"max_seq_len {self.max_seq_len} is below one token", "use a context of >= 1 token")
+        for name in ("initial_deadline_s", "deadline_k", "deadline_floor_s", "resend_interval_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} = {getattr(self, name)} is negative", f"set {name} >= 0")
+        for name in ("stall_timeout_s", "setup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be positive", f"set {name} > 0")
 
 
 class Coordinator:
@@ -171,10 +184,13 @@ class Coordinator:
         self._timers = {(p, part): ResponseTimer(initial_s=first.get(p, options.initial_deadline_s),
                                                  k=options.deadline_k, floor_s=options.deadline_floor_s)
                         for p in self.links for part in PARTS}
+        self._part_timers = {part: {p: self._timers[p, part] for p in self.links} for part in PARTS}
+        self._rules = WaitRules(halo=options.mode is SyncMode.HALO, strict=options.mode is SyncMode.STRICT,
+                                stall_timeout_s=options.stall_timeout_s, resend_interval_s=options.resend_interval_s)
         self._owners = {(layer, part): {g: p for g, p in plan.owners_at(layer, part).items() if p != plan.coordinator}
                         for layer in range(layout.n_layers) for part in PARTS}   # remote groups per sync point
         self._recent: OrderedDict[tuple[int, int, int], SyncPoint] = OrderedDict()
-        self._inputs: dict[tuple[str, int, int, int], tuple[Channel, list[bytes]]] = {}
+        self._inputs: dict[tuple[str, int, int, int], SentVector] = {}   # (peer, step, layer, part) -> its input
         self._changed: asyncio.Future[bool] | None = None    # settled by an arrival while _wait sleeps
         self._ready: dict[str, asyncio.Future[PlanReady]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -201,10 +217,9 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         for peer, link in self.links.items():
             self._tasks.append(asyncio.create_task(self._receive(peer, link), name=f"recv-{peer}"))
-        body = {"placement": self.plan.to_dict(), "max_seq_len": self.options.max_seq_len,
-                "config": dataclasses.asdict(self.trunk.config)}
+        body = PlanBody(placement=self.plan, config=self.trunk.config, max_seq_len=self.options.max_seq_len)
         msg = Plan(session=self.session, model_sha256=self.model_sha256, plan=body,
-                   wire_dtype=self.options.wire_dtype, mode=self.options.mode)  # type: ignore[arg-type]
+                   wire_dtype=self.options.wire_dtype, mode=self.options.mode)
         for peer in self.plan.workers():
             self._ready[peer] = loop.create_future()
             await self.links[peer].send(Channel.RELIABLE, codec.encode(msg))
@@ -219,9 +234,16 @@ class Coordinator:
                                  "check the workers are running and hold the model") from None
 
     async def reset(self) -> None:
-        """Tell workers to forget their KV caches (a new conversation)."""
+        """Start a new sequence: the workers (:class:`~halo_p2p.wire.messages.Reset`) and this
+        peer's own groups forget their KV caches. :meth:`forward` calls it before a pass from
+        position 0 that is not the session's first, so no position of an earlier sequence is
+        ever attended (a worker that misses a later input masks that position, and nothing of
+        the old sequence is left valid behind it)."""
+        frame = codec.encode(Reset(session=self.session))
         for peer in self.plan.workers():
-            await self._send(peer, Channel.RELIABLE, codec.encode(Reset(session=self.session)))
+            await self._send(peer, Channel.RELIABLE, frame)
+        if self.local is not None:
+            await self.compute.run(self.local.reset)
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -234,11 +256,16 @@ class Coordinator:
     async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
         """Logits for ``token_ids`` at ``[start_pos, start_pos+T)`` computed across the peers.
 
+        A pass from ``start_pos`` 0 after earlier passes starts a new sequence (:meth:`reset`).
+
         Returns:
             float32 ``(T, vocab)`` or ``(1, vocab)``.
         Raises:
             TransportError: a sync point made no progress for ``stall_timeout_s``.
+            PeerLost: ``strict`` mode, a worker's link closed.
         """
+        if start_pos == 0 and self.step > 0:
+            await self.reset()
         self.step += 1
         for peer, link in self.links.items():          # heartbeats measure the links' loss
             plr = link.stats.measured_plr
@@ -253,42 +280,38 @@ class Coordinator:
                 # thread (a wakeup and a GIL switch, ~0.7 ms of wall time on 2 shared cores) costs more
                 xn = (self.trunk.normed_row(layer, part, x) if len(ids) == 1
                       else await self.compute.run(self.trunk.normed, layer, part, x))
-                remote = await self._sync(layer, part, xn, start_pos)
+                remote, synced = await self._sync(layer, part, xn, start_pos)
                 x += remote
-                record.syncs.append(self._recent[(self.step, layer, part)].record)
+                record.syncs.append(synced)
         self.records.append(record)
         return await self.compute.run(self.trunk.logits, x, all_logits=all_logits)
 
-    async def _sync(self, layer: int, part: int, xn: np.ndarray, start_pos: int) -> np.ndarray:
+    async def _sync(self, layer: int, part: int, xn: np.ndarray, start_pos: int) -> tuple[np.ndarray, SyncRecord]:
+        """One sync point: send the inputs, compute this peer's share, wait, sum what arrived."""
         loop = asyncio.get_running_loop()
         n_tokens, dim = xn.shape
         mode = self.options.mode
-        owners = dict(self._owners[layer, part])
-        decode_halo = mode == "halo" and n_tokens == 1
+        owners = self._owners[layer, part]
+        decode_halo = mode is SyncMode.HALO and n_tokens == 1
         norms = sends_norms(mode, n_tokens, self.step)
         critical = self.criticality.critical(layer, part, xn) if decode_halo else frozenset(owners)
-        moved: list[int] = []
+        moved: list[int] = []      # computed here this token, not waited for
         if self.takeover is not None and part == MLP and decode_halo:
             moved = sorted(g for g in critical if owners.get(g) in self.unstable)
-            for g in moved:
-                del owners[g]                      # computed here this token, not waited for
         channel = step_channel(mode, n_tokens)
         by_peer: dict[str, list[int]] = {}
         for g, p in owners.items():
-            by_peer.setdefault(p, []).append(g)
-        answers = {p: answer_layout(gs, critical, split=decode_halo and self.options.split_critical
-                                    and channel == Channel.UNRELIABLE and self._lossy(p))
-                   for p, gs in by_peer.items()}
-        chunks = {p: answer_chunks(answer_template(self.session, self.step, layer, part, n_groups=len(a.groups),
-                                                   norms=norms, fmt=self.fmt),
-                                   len(a.segments) * n_tokens * dim, self.fmt, reliable=channel == Channel.RELIABLE)
-                  for p, a in answers.items()}
+            if not moved or g not in moved:
+                by_peer.setdefault(p, []).append(g)
+        split = decode_halo and self.options.split_critical and channel == Channel.UNRELIABLE
+        answers = {p: answer_layout(gs, critical, split=split and self._lossy(p)) for p, gs in by_peer.items()}
+        chunks = {p: answer_chunk_count(len(a.segments) * n_tokens * dim, self.fmt, n_groups=len(a.groups),
+                                        with_norms=norms, channel=channel) for p, a in answers.items()}
         sp = SyncPoint(self.step, layer, part, n_tokens=n_tokens, dim=dim, answers=answers, chunks=chunks,
-                       critical=critical, fmt=self.fmt, sent_at_s=loop.time())
-        sp.record.taken_over = len(moved)
-        sp.moved = frozenset(moved)               # their workers' partials are superseded, not malformed
+                       critical=critical, fmt=self.fmt, sent_at_s=loop.time(), moved=frozenset(moved))
         self._remember(sp)
-        flat, encoded = xn.reshape(-1), {}
+        flat = xn.reshape(-1)
+        encoded: dict[tuple[int, bool], EncodedVector] = {}     # the input, quantized once for every worker
         for peer in sorted(answers):
             await self._send_input(peer, sp, answers[peer], flat, start_pos, channel, encoded)
         local = None
@@ -309,43 +332,26 @@ class Coordinator:
         ext = await extra if extra is not None else None
         if ext is not None:
             remote += ext.sum(axis=0)
-        if norms and 0 < len(critical) < self.plan.layout.n_groups(part):
-            sp.record.recall = self._recall(sp, critical, dict(zip(held, own_norms, strict=True))
-                                            if own_norms is not None else {}, ext, moved)
+        if norms and 0 < len(critical) < self.plan.layout.n_groups(part):   # the policy's live recall
+            known = dict(zip(held, own_norms, strict=True)) if own_norms is not None else {}
+            if ext is not None:
+                known.update(zip(moved, np.linalg.norm(ext.reshape(len(ext), -1), axis=1), strict=True))
+            sp.measure_recall(critical, known, self.plan.layout.n_groups(part))
         for key in [k for k in self._inputs if k[1:] < sp.key]:
             del self._inputs[key]
-        return remote
+        return remote, sp.record
 
     def _lossy(self, peer: str) -> bool:
         return self.options.fec and measured_lossy(self.links[peer])
 
-    def _recall(self, sp: SyncPoint, critical: frozenset[int], own: dict[int, float], ext: np.ndarray | None,
-                moved: list[int]) -> float | None:
-        """Share of the truly top-k groups (by partial norm, k = the critical count) that the
-        criticality policy marked critical: the predictor's live recall, measured on the steps
-        whose answers carry norms (:func:`~halo_p2p.session.sync.sends_norms`). None unless every
-        group's norm is known."""
-        norms = np.full(self.plan.layout.n_groups(sp.part), np.nan)
-        for g, n in own.items():
-            norms[g] = n
-        if ext is not None:
-            norms[moved] = np.linalg.norm(ext.reshape(len(ext), -1), axis=1)
-        for g, n in sp.norms().items():
-            norms[g] = n
-        if np.isnan(norms).any():
-            return None
-        k = len(critical)
-        return len(critical & set(np.argsort(norms)[-k:].tolist())) / k
-
     async def _send_input(self, peer: str, sp: SyncPoint, answer: Answer, flat: np.ndarray, start_pos: int,
                           channel: Channel, encoded: dict[tuple[int, bool], EncodedVector]) -> None:
-        template = input_template(self.session, sp.step, sp.layer, sp.part, start_pos=start_pos, n_tokens=sp.n_tokens,
-                                  groups=answer.groups, segments=answer.segments, fmt=self.fmt)
-        lossy = channel == Channel.UNRELIABLE and self._lossy(peer)          # downlink FEC
-        _, frames = encode_frames(template, flat, self.fmt, reliable=channel == Channel.RELIABLE, parity=lossy,
-                                  cache=encoded)
-        self._inputs[(peer, *sp.key)] = (channel, frames)
-        await self._send_all(peer, channel, frames)
+        sent = input_frames(self.session, sp.step, sp.layer, sp.part, start_pos=start_pos, n_tokens=sp.n_tokens,
+                            groups=answer.groups, segments=answer.segments, values=flat, fmt=self.fmt,
+                            channel=channel, parity=channel == Channel.UNRELIABLE and self._lossy(peer),  # downlink FEC
+                            cache=encoded)
+        self._inputs[(peer, *sp.key)] = sent
+        await self._send_all(peer, channel, sent.frames)
 
     async def _send_all(self, peer: str, channel: Channel, frames: list[bytes]) -> None:
         """Send frames paced (:func:`~halo_p2p.session.frames.send_paced`); a closed link marks the peer dead."""
@@ -356,51 +362,39 @@ class Coordinator:
         except LinkClosed:
             self._mark_dead(peer)
 
+    async def _send(self, peer: str, channel: Channel, frame: bytes) -> None:
+        """Send to a worker; a closed link marks it dead instead of failing the token."""
+        await self._send_all(peer, channel, [frame])
+
     async def _wait(self, sp: SyncPoint, channel: Channel) -> None:
+        """Wait at ``sp`` as :func:`~halo_p2p.session.sync.decide` says, until it says done.
+
+        Raises:
+            PeerLost: ``strict``, a worker with a pending answer is gone.
+            TransportError: nothing arrived for ``stall_timeout_s``.
+        """
         loop = asyncio.get_running_loop()
-        halo = self.options.mode == "halo"
-        deadlines = {p: sp.sent_at_s + self._timers[(p, sp.part)].deadline_s() for p in sp.peers}
-        # first Resend (unreliable steps): at the peer's deadline, or once its burst of chunks has
-        # gone silent for a gap (the rest is lost)
-        next_resend = dict(deadlines)
-        last_resend: dict[str, float] = {}
-        last_progress = loop.time()
-        while not sp.all_complete:
+        sp.arm(self._part_timers[sp.part])
+        unreliable = channel == Channel.UNRELIABLE
+        progress = loop.time()
+        while True:
             now = loop.time()
-            lost = sp.pending_peers() & self.dead
-            if lost and self.options.mode == "strict":
-                raise PeerLost(sorted(lost))
-            missing_critical = {p: g for p, g in sp.missing_critical().items() if p not in self.dead}
-            if halo and not missing_critical:
-                pending = sp.pending_peers() - self.dead
-                if all(now >= deadlines[p] for p in pending):
-                    return
-                wake = min(deadlines[p] for p in pending if now < deadlines[p])
-            else:
-                wake = now + self.options.stall_timeout_s
-                if channel == Channel.UNRELIABLE:   # reliable answers just arrive
-                    for peer in missing_critical:
-                        srtt = self._timers[(peer, sp.part)].srtt or 0.0
-                        interval = max(self.options.resend_interval_s, 2 * srtt)
-                        due = next_resend[peer]
-                        heard = sp.last_heard_s.get(peer)
-                        if heard is not None:
-                            silent = heard + max(_SILENCE_GAP_S, interval)
-                            due = min(due, max(silent, last_resend.get(peer, 0.0) + interval))
-                        if now >= due:
-                            if peer not in last_resend and heard is None:
-                                self._timers[(peer, sp.part)].backoff()   # nothing arrived by the deadline
-                            await self._send_resend(peer, sp)
-                            last_resend[peer] = now
-                            next_resend[peer] = now + interval * min(64, 2 ** (sp.record.resends - 1))   # back off
-                            due = next_resend[peer]
-                        wake = min(wake, due)
-            if now - last_progress > self.options.stall_timeout_s:
-                stuck = sorted(sp.pending_peers())
-                raise TransportError(f"no partials from {', '.join(stuck)} for {self.options.stall_timeout_s:.0f} s "
-                                     f"at layer {sp.layer}", "check the peer is alive; it will be re-planned")
-            if await self._sleep(wake):
-                last_progress = loop.time()
+            decision = decide(sp, now, self._rules, unreliable=unreliable, dead=self.dead, progress_s=progress)
+            action = decision.action
+            if action is Action.DONE:
+                return
+            if action is Action.LOST:
+                raise PeerLost(list(decision.peers))
+            if action is Action.STALL:
+                raise TransportError(f"no partials from {', '.join(decision.peers)} for "
+                                     f"{self.options.stall_timeout_s:.0f} s at layer {sp.layer}",
+                                     "check the peer is alive; it will be re-planned")
+            for order in decision.resend:
+                sp.resent(order, now)
+                await self._send(order.peer, Channel.UNRELIABLE, codec.encode(Resend(
+                    session=self.session, step=sp.step, layer=sp.layer, part=sp.part, chunks=order.chunks)))
+            if await self._sleep(decision.until_s):
+                progress = loop.time()
 
     async def _sleep(self, until: float) -> bool:
         """Wait until loop time ``until`` or an arrival (:meth:`_notify`); True if something arrived.
@@ -423,17 +417,6 @@ class Coordinator:
         if self._changed is not None:
             _settle(self._changed, True)
 
-    async def _send_resend(self, peer: str, sp: SyncPoint) -> None:
-        sp.record.resends += 1
-        sp.retried.add(peer)
-        msg = Resend(session=self.session, step=sp.step, layer=sp.layer, part=sp.part,  # type: ignore[arg-type]
-                     chunks=sp.missing_chunks(peer))
-        await self._send(peer, Channel.UNRELIABLE, codec.encode(msg))
-
-    async def _send(self, peer: str, channel: Channel, frame: bytes) -> None:
-        """Send to a worker; a closed link marks it dead instead of failing the token."""
-        await self._send_all(peer, channel, [frame])
-
     def _mark_dead(self, peer: str) -> None:
         if peer not in self.dead:
             log.warning("link to %s closed: its groups count as missing", peer)
@@ -453,9 +436,7 @@ class Coordinator:
             try:
                 _, frame = await link.recv()
             except LinkClosed:
-                log.warning("link to %s closed: its groups count as missing", peer)
-                self.dead.add(peer)
-                self._notify()
+                self._mark_dead(peer)
                 fut = self._ready.get(peer)
                 if fut is not None and not fut.done():
                     fut.set_exception(PeerLost([peer]))
@@ -471,9 +452,10 @@ class Coordinator:
             elif isinstance(msg, NeedInput):
                 sp = self._recent.get((msg.step, msg.layer, msg.part))
                 if sp is not None:
-                    sp.retried.add(peer)
-                channel, frames = self._inputs.get((peer, msg.step, msg.layer, msg.part), (Channel.UNRELIABLE, []))
-                await self._send_all(peer, channel, frames)
+                    sp.input_repeated(peer)
+                sent = self._inputs.get((peer, msg.step, msg.layer, msg.part))
+                if sent is not None:
+                    await self._send_all(peer, sent.channel, sent.again())
             elif isinstance(msg, WeightsWanted):
                 if msg.session == self.session:
                     self._tasks.append(asyncio.create_task(self._stream_weights(peer, msg.groups)))
@@ -504,9 +486,9 @@ class Coordinator:
                 self.counters["bad_weight_requests"] += 1
                 continue
             tensors = await self.compute.run(self.weights.group, gid)
-            for name, array in tensors.items():
-                rows, cols = array.shape
-                flat_values = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+            for name in tensor_names(gid.part):
+                rows, cols = tensors[name].shape
+                flat_values = np.ascontiguousarray(tensors[name], dtype=np.float32).reshape(-1)
                 for a in range(0, flat_values.size, per_chunk):
                     await self._send(peer, Channel.RELIABLE, codec.encode(GroupTensor(
                         session=self.session, layer=gid.layer, part=gid.part, index=gid.index, name=name,  # type: ignore[arg-type]
@@ -523,7 +505,7 @@ class Coordinator:
         if sp is None:
             self.counters["stale"] += 1
             return
-        was_done = peer in sp.done_at_s
+        was_done = sp.answered(peer)
         try:
             new = sp.add(peer, msg, now)
         except WireError as exc:
@@ -532,7 +514,9 @@ class Coordinator:
             return
         if sp.closed:
             self.counters["late"] += 1
-        if not was_done and peer in sp.done_at_s and sp.n_tokens == 1 and peer not in sp.retried:
-            self._timers[(peer, sp.part)].observe(sp.done_at_s[peer] - sp.sent_at_s)
+        if not was_done:
+            sample = sp.response_sample_s(peer)        # a clean response time (Karn's rule)
+            if sample is not None:
+                self._timers[peer, sp.part].observe(sample)
         if new:
             self._notify()

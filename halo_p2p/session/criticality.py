@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from halo_p2p.errors import ConfigError
 from halo_p2p.groups import ATTN
 
 __all__ = ["AllCritical", "CriticalityPolicy", "StaticRule"]
@@ -46,11 +47,14 @@ class StaticRule:
         mlp_scores: ``(n_layers, n_mlp)`` float scores.
         n_attn: attention groups per layer.
         fraction: share of MLP groups that are critical, in [0, 1].
+
+    Raises:
+        ConfigError: ``fraction`` outside [0, 1].
     """
 
     def __init__(self, mlp_scores: np.ndarray, n_attn: int, fraction: float = 0.5) -> None:
         if not 0 <= fraction <= 1:
-            raise ValueError(f"critical fraction {fraction} outside [0, 1]")
+            raise ConfigError(f"critical fraction {fraction} is outside [0, 1]", "use a fraction between 0 and 1")
         k = round(fraction * mlp_scores.shape[1])
         order = np.argsort(-mlp_scores, axis=1, kind="stable")
         self._mlp = [frozenset(int(j) for j in row[:k]) for row in order]

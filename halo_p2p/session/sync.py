@@ -1,250 +1,65 @@
-"""Relaxed synchronization: collecting one sync point's partials and deciding when to stop waiting.
+"""Relaxed synchronization: collecting one sync point's answers and deciding when to stop waiting.
 
 Pure logic (no asyncio, no clock reads: times are passed in). The coordinator creates one
 :class:`SyncPoint` per (step, layer, part), asks each worker for an :class:`Answer` (its groups'
 partials summed into one row, or two: :func:`answer_layout`), feeds the point the
-:class:`~halo_p2p.wire.messages.Partial` chunks that arrive, and asks it what is still missing.
-:class:`ResponseTimer` turns measured response times (link latency plus the worker's compute) into per-peer deadlines.
+:class:`~halo_p2p.wire.messages.Partial` chunks that arrive, and asks :func:`decide` what to do
+next: wait (until a time, or an arrival), send ``Resend`` to some workers first, stop (done), or
+give up (stall, or a lost worker in ``strict``); it applies each decision through the point's
+methods (:meth:`SyncPoint.arm`, :meth:`SyncPoint.resent`). :class:`ResponseTimer` turns measured
+response times (link latency plus the worker's compute) into per-peer deadlines.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 
 from halo_p2p.errors import WireError
-from halo_p2p.net.link import Channel, Link
+from halo_p2p.session.frames import (
+    NORM_EVERY_STEPS,
+    UNSTABLE_PLR,
+    Answer,
+    answer_layout,
+    measured_lossy,
+    sends_norms,
+    step_channel,
+)
+from halo_p2p.session.records import ResponseTimer, StepRecord, SyncRecord, mean_recall
 from halo_p2p.wire.messages import Partial
 from halo_p2p.wire.quant import WireFormat
 from halo_p2p.wire.vector import ChunkedVector, default_parity
 
-__all__ = ["NORM_EVERY_STEPS", "Answer", "ResponseTimer", "StepRecord", "SyncPoint", "SyncRecord", "answer_layout",
-           "mean_recall", "measured_lossy", "sends_norms", "step_channel"]
+__all__ = ["NORM_EVERY_STEPS", "UNSTABLE_PLR", "Action", "Answer", "Decision", "ResendOrder", "ResponseTimer",
+           "StepRecord", "SyncPoint", "SyncRecord", "WaitRules", "answer_layout", "decide", "mean_recall",
+           "measured_lossy", "sends_norms", "step_channel"]
 
 
-def measured_lossy(link: Link) -> bool:
-    """False only when ``link``'s heartbeats measured no loss (``measured_plr == 0``): the
-    condition for sending FEC parity (``LayerInput`` parity chunks, ``PartialParity``) on a
-    decode step. Unmeasured (``None``, e.g. in-memory links or the first seconds) counts as lossy."""
-    return link.stats.measured_plr != 0
-
-
-NORM_EVERY_STEPS = 4
-"""A ``halo`` decode step whose number is a multiple of this sends its groups' partial norms."""
-
-
-def sends_norms(mode: str, n_tokens: int, step: int) -> bool:
-    """Whether the answers of ``step`` carry their groups' partial norms (``Partial.norms``): the
-    live criticality recall is measured from them. Forming per-group partials costs about a
-    quarter more compute than one summed product (GroupShard.answer), so one ``halo`` decode step
-    in :data:`NORM_EVERY_STEPS` measures; both ends apply this rule (it sizes the answer's frames)."""
-    return mode == "halo" and n_tokens == 1 and step % NORM_EVERY_STEPS == 0
-
-
-def step_channel(mode: str, n_tokens: int) -> Channel:
-    """The channel a step's layer inputs and partials travel on, both ways (coordinator and worker).
-
-    ``strict``: always the reliable channel. ``halo`` and ``strict-unreliable``: decode steps
-    (``n_tokens == 1``) on the unreliable one (halo skips a late or lost answer holding only
-    non-critical groups; both repair losses with FEC and Resend); a prompt's
-    steps (``n_tokens > 1``) on the reliable one: every group of a prompt is critical (the KV
-    cache must be exact) and each partial spans dozens of packets, so SCTP's own retransmission
-    repairs a burst's losses sooner than Resend round trips (namespaces, 5 % PLR: a 37-token
-    SmolLM2 prompt took 34 s over the unreliable channel, 8-19 s over the reliable one;
-    docs/benchmarks.md §7).
-    """
-    return Channel.UNRELIABLE if mode != "strict" and n_tokens == 1 else Channel.RELIABLE
-
-
-class ResponseTimer:
-    """Estimates one peer's response time at one sync point and derives its deadline.
-
-    The estimator is TCP's retransmission-timer estimator (RFC 6298, section 2): smoothed mean
-    ``srtt`` and mean deviation ``rttvar`` of the time from sending a layer input to receiving
-    the peer's last partial; the deadline is ``srtt + k * rttvar``, at least ``floor_s``. Until
-    ``warmup`` samples arrived the deadline is ``initial_s``.
-
-    Args:
-        initial_s: deadline before enough samples (seconds).
-        k: deviations of slack (RFC 6298 uses 4).
-        floor_s: smallest deadline (seconds).
-    """
-
-    ALPHA, BETA = 1 / 8, 1 / 4   # RFC 6298 gains
-
-    # Karn's algorithm (RFC 6298 section 3): responses that needed a Resend or a repeated input
-    # are not sampled, or recovery delays would inflate the deadline.
-
-    def __init__(self, *, initial_s: float = 0.5, k: float = 4.0, floor_s: float = 0.002,
-                 warmup: int = 3) -> None:
-        self.initial_s, self.k, self.floor_s, self.warmup = initial_s, k, floor_s, warmup
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.samples = 0
-        self.backoff_factor = 1.0     # RFC 6298 5.5: doubled per expiry, reset by a clean sample
-
-    def observe(self, sample_s: float) -> None:
-        """Add one measured response time (seconds)."""
-        if not math.isfinite(sample_s) or sample_s < 0:
-            return
-        self.backoff_factor = 1.0
-        if self.srtt is None:
-            self.srtt, self.rttvar = sample_s, sample_s / 2
-        else:
-            self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - sample_s)
-            self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * sample_s
-        self.samples += 1
-
-    def deadline_s(self) -> float:
-        """How long after sending to wait for this peer's non-critical partials (seconds)."""
-        if self.srtt is None or self.samples < self.warmup:
-            return self.initial_s * self.backoff_factor
-        return max(self.floor_s, self.srtt + self.k * self.rttvar) * self.backoff_factor
-
-    def backoff(self, cap: float = 64.0) -> None:
-        """The deadline expired before the response (RFC 6298 section 5.5): double it until a
-        response arrives in time and gives a clean sample (Karn's algorithm blocks the others,
-        so without this a deadline below the true response time would never recover)."""
-        self.backoff_factor = min(cap, 2 * self.backoff_factor)
-
-
-@dataclass(slots=True)
-class SyncRecord:
-    """What happened at one sync point (for ``--json`` and the chat status line).
-
-    Attributes:
-        layer, part: the sync point.
-        wait_s: time from sending the input to moving on (seconds).
-        used: groups whose whole partial was summed.
-        partial: groups of which only some chunks were summed.
-        missing: groups of which nothing arrived in time.
-        late: chunks that arrived after the coordinator moved on.
-        resends: Resend requests sent for critical groups.
-        critical: critical groups at this point.
-        taken_over: critical MLP groups of unstable peers computed by the coordinator instead.
-        recovered: answer chunks rebuilt from uplink parity (FEC).
-        recall: share of the truly top-k groups (k = ``critical``, by partial norm) the policy
-            marked critical; None when not measured (strict, prompts, all critical, skips).
-    """
-
-    layer: int
-    part: int
-    wait_s: float = 0.0
-    used: int = 0
-    partial: int = 0
-    missing: int = 0
-    late: int = 0
-    resends: int = 0
-    critical: int = 0
-    recovered: int = 0
-    recall: float | None = None
-    taken_over: int = 0
-    skipped_groups: list[int] = field(default_factory=list)
-
-
-def mean_recall(records: Iterable[SyncRecord | StepRecord]) -> float | None:
-    """Mean ``recall`` of the records that measured one (None if none did)."""
-    got = [r.recall for r in records if r.recall is not None]
-    return sum(got) / len(got) if got else None
-
-
-@dataclass(slots=True)
-class StepRecord:
-    """One forward pass (a decoded token, or a prompt): its sync points."""
-
-    step: int
-    start_pos: int
-    n_tokens: int
-    syncs: list[SyncRecord] = field(default_factory=list)
-
-    @property
-    def wait_s(self) -> float:
-        return sum(s.wait_s for s in self.syncs)
-
-    @property
-    def skipped(self) -> int:
-        """Groups not (fully) summed: missing or partial."""
-        return sum(s.missing + s.partial for s in self.syncs)
-
-    @property
-    def recall(self) -> float | None:
-        """Mean criticality recall over the sync points where it was measured (see :class:`SyncRecord`)."""
-        return mean_recall(self.syncs)
-
-    @property
-    def late(self) -> int:
-        return sum(s.late for s in self.syncs)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "step": self.step, "start_pos": self.start_pos, "n_tokens": self.n_tokens,
-            "wait_ms": 1000 * self.wait_s, "skipped_groups": self.skipped, "late_chunks": self.late,
-            "resends": sum(s.resends for s in self.syncs),
-            "taken_over": sum(s.taken_over for s in self.syncs),
-            "recovered_chunks": sum(s.recovered for s in self.syncs),
-            "criticality_recall": self.recall,
-            "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
-        }
-
-
-def answer_layout(groups: Iterable[int], critical: frozenset[int], *, split: bool) -> Answer:
-    """What one worker sends back at a sync point: one sum, or a sum of its critical groups and
-    a sum of the others.
-
-    One sum per worker is the floor of frames (a summed partial is as large as one group's); a
-    second row costs as many frames again and lets the coordinator use the critical sum when
-    the other is lost. Measured on this stack it does not pay with uplink FEC (a one-frame sum
-    sent twice is lost with probability ``q**2``, the critical row of a split answer with
-    ``~2 q**2``; docs/benchmarks.md §10), so the session splits only when asked
-    (``SessionOptions.split_critical``).
-
-    Args:
-        groups: the worker's groups at this point (the ones it must send).
-        critical: the critical groups of the point.
-        split: make two rows when both kinds are present.
-    """
-    held = sorted(groups)
-    crit = [g for g in held if g in critical]
-    rest = [g for g in held if g not in critical]
-    if split and crit and rest:
-        return Answer((*crit, *rest), (len(crit), len(rest)))
-    return Answer(tuple(held), (len(held),))
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The rows a worker sends at one sync point (``LayerInput.groups`` / ``segments``).
-
-    Attributes:
-        groups: group indices, row by row.
-        segments: groups per row; row ``s`` sums the next ``segments[s]`` groups.
-    """
-
-    groups: tuple[int, ...]
-    segments: tuple[int, ...]
-
-    def rows(self) -> list[tuple[int, ...]]:
-        """The groups of each row."""
-        out, i = [], 0
-        for n in self.segments:
-            out.append(self.groups[i:i + n])
-            i += n
-        return out
+_ROW0: tuple[int, ...] = (0,)
 
 
 class _Peer:
-    """One worker's answer at a sync point, as it arrives."""
+    """One worker's answer at a sync point, as it arrives, and how long to wait for it."""
 
-    __slots__ = ("answer", "n_data", "norms", "rows", "vector")
+    __slots__ = ("answer", "critical_rows", "deadline_s", "last_resend_s", "n_data", "next_resend_s", "norms", "rows",
+                 "timer", "vector")
 
-    def __init__(self, answer: Answer, n_data: int) -> None:
+    def __init__(self, answer: Answer, n_data: int, critical: frozenset[int]) -> None:
         self.answer, self.n_data = answer, n_data
-        self.rows = answer.rows()
+        rows = self.rows = answer.rows()
+        self.critical_rows: tuple[int, ...] = (       # rows holding a critical group
+            (_ROW0 if not critical.isdisjoint(rows[0]) else ()) if len(rows) == 1
+            else tuple(i for i, r in enumerate(rows) if not critical.isdisjoint(r)))
         self.vector: ChunkedVector | None = None      # created by the first chunk (it says whether parity follows)
         self.norms: np.ndarray | None = None
+        self.timer: ResponseTimer | None = None       # set by SyncPoint.arm
+        self.deadline_s = self.next_resend_s = math.inf
+        self.last_resend_s: float | None = None
 
 
 class SyncPoint:
@@ -254,27 +69,29 @@ class SyncPoint:
         step, layer, part: the sync point.
         n_tokens, dim: shape of one row of an answer.
         answers: peer -> the rows it was asked for (its groups at this point).
-        chunks: peer -> the data chunks its answer takes (:func:`~halo_p2p.session.frames.answer_chunks`);
+        chunks: peer -> the data chunks its answer takes (:func:`~halo_p2p.session.frames.answer_chunk_count`);
             a chunk announcing another count is refused.
         critical: group indices that must be complete before moving on.
         fmt: the session's wire format.
         sent_at_s: clock time the input was sent (seconds).
+        moved: critical groups the coordinator computes itself this token (per-token dynamic
+            placement; not asked of their owners), counted in ``record.taken_over``.
     """
 
     def __init__(self, step: int, layer: int, part: int, *, n_tokens: int, dim: int,
                  answers: Mapping[str, Answer], chunks: Mapping[str, int], critical: frozenset[int], fmt: WireFormat,
-                 sent_at_s: float) -> None:
+                 sent_at_s: float, moved: frozenset[int] = frozenset()) -> None:
         self.step, self.layer, self.part = step, layer, part
         self.n_tokens, self.dim, self.fmt = n_tokens, dim, fmt
-        self.peers = {p: _Peer(a, chunks[p]) for p, a in answers.items()}
         self.owners = {g: p for p, a in answers.items() for g in a.groups}
         self.critical = frozenset(g for g in critical if g in self.owners)
+        self.peers = {p: _Peer(a, chunks[p], self.critical) for p, a in answers.items()}
         self.sent_at_s = sent_at_s
         self.done_at_s: dict[str, float] = {}          # peer -> time its answer completed
         self.retried: set[str] = set()                 # peers asked to resend (Karn: no timing sample)
         self.last_heard_s: dict[str, float] = {}       # peer -> time its last new chunk arrived
-        self.moved: frozenset[int] = frozenset()       # groups taken over by the coordinator this token
-        self.record = SyncRecord(layer, part, critical=len(self.critical))
+        self.moved = moved
+        self.record = SyncRecord(layer, part, critical=len(self.critical), taken_over=len(moved))
         self.closed = False
 
     @property
@@ -320,9 +137,68 @@ class SyncPoint:
             self.record.late += 1
         return not self.closed
 
+    # -- waiting: the state decide() reads, changed only through these methods ---------------------
+
+    def arm(self, timers: Mapping[str, ResponseTimer]) -> None:
+        """Start waiting: each peer's deadline (and first Resend) is ``sent_at_s`` plus its
+        timer's :meth:`ResponseTimer.deadline_s`; ``timers``: peer -> its timer at this part."""
+        for peer, state in self.peers.items():
+            timer = state.timer = timers[peer]
+            state.deadline_s = state.next_resend_s = self.sent_at_s + timer.deadline_s()
+
+    def resent(self, order: ResendOrder, now_s: float) -> None:
+        """Record that ``order`` (from :func:`decide`) was sent at ``now_s``: the peer's next
+        Resend is due at ``order.next_s``, it gives no timing sample (Karn), and its timer backs
+        off if nothing had arrived by its deadline."""
+        state = self.peers[order.peer]
+        if order.backoff and state.timer is not None:
+            state.timer.backoff()
+        self.record.resends += 1
+        self.retried.add(order.peer)
+        state.last_resend_s, state.next_resend_s = now_s, order.next_s
+
+    def input_repeated(self, peer: str) -> None:
+        """``peer`` asked for its input again (NeedInput): its response gives no timing sample."""
+        self.retried.add(peer)
+
+    def answered(self, peer: str) -> bool:
+        """Whether ``peer``'s whole answer arrived (now, or late)."""
+        return peer in self.done_at_s
+
+    def response_sample_s(self, peer: str) -> float | None:
+        """Time from sending the input to ``peer``'s complete answer, if it is a clean sample for
+        its :class:`ResponseTimer`: a decode step, no Resend or repeated input (Karn's rule)."""
+        done = self.done_at_s.get(peer)
+        if done is None or self.n_tokens != 1 or peer in self.retried:
+            return None
+        return done - self.sent_at_s
+
+    def measure_recall(self, critical: frozenset[int], known: Mapping[int, float], n_groups: int) -> float | None:
+        """Record and return the share of the truly top-k groups (by partial norm, k =
+        ``len(critical)``) among ``critical``: the criticality policy's live recall. ``known``:
+        norms of the groups not answered here (the coordinator's own and taken-over groups);
+        the others come from the answers' norms. None unless every group's norm is known."""
+        norms = np.full(n_groups, np.nan)
+        for g, n in known.items():
+            norms[g] = n
+        for g, n in self.norms().items():
+            norms[g] = n
+        if np.isnan(norms).any():
+            return None
+        k = len(critical)
+        self.record.recall = len(critical & set(np.argsort(norms)[-k:].tolist())) / k
+        return self.record.recall
+
     def _row_done(self, state: _Peer, row: int) -> bool:
         n = self.n_tokens * self.dim
         return state.vector is not None and state.vector.covers(row * n, (row + 1) * n)
+
+    def _missing_critical(self, state: _Peer) -> bool:
+        """Whether a row of ``state``'s answer holding a critical group is incomplete."""
+        v = state.vector
+        if v is not None and v.complete:
+            return False
+        return any(not self._row_done(state, i) for i in state.critical_rows)
 
     def complete(self, group: int) -> bool:
         """Whether ``group``'s row has arrived whole."""
@@ -385,3 +261,142 @@ class SyncPoint:
                 if values is not None:
                     total += values[i * n:(i + 1) * n]
         return total.reshape(self.n_tokens, self.dim)
+
+
+# -- the wait decision ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WaitRules:
+    """How the coordinator waits at a sync point (from its session options).
+
+    Attributes:
+        halo: relaxed synchronization: once no critical group is missing, an answer is waited
+            for only until its owner's deadline.
+        strict: a worker lost while its answer is pending fails the step (``PeerLost``);
+            otherwise its groups count as missing.
+        stall_timeout_s: give up after this long without an arrival.
+        resend_interval_s: smallest interval between two Resends to one worker.
+        silence_gap_s: an answer's burst of chunks silent this long has lost its rest.
+    """
+
+    halo: bool
+    strict: bool
+    stall_timeout_s: float
+    resend_interval_s: float
+    silence_gap_s: float = 0.02
+
+
+class Action(IntEnum):
+    """What :func:`decide` tells the waiting loop to do."""
+
+    WAIT = 0    # send Decision.resend (if any), then sleep until Decision.until_s or an arrival
+    DONE = 1    # stop waiting and sum what arrived
+    STALL = 2   # nothing arrived for stall_timeout_s: give up (Decision.peers: those pending)
+    LOST = 3    # strict: workers with pending answers are gone (Decision.peers)
+
+
+class ResendOrder(NamedTuple):
+    """Ask ``peer`` for ``chunks`` of its answer again (a ``Resend``); apply with :meth:`SyncPoint.resent`.
+
+    Attributes:
+        peer: the worker.
+        chunks: the data chunks of its answer still missing.
+        next_s: when to ask again if they are still missing (exponential back-off, x64 at most).
+        backoff: nothing had arrived from it by its deadline: back its timer off (RFC 6298 5.5).
+    """
+
+    peer: str
+    chunks: tuple[int, ...]
+    next_s: float
+    backoff: bool
+
+
+class Decision(NamedTuple):
+    """The outcome of :func:`decide` (see :class:`Action`)."""
+
+    action: Action
+    until_s: float = 0.0
+    resend: tuple[ResendOrder, ...] = ()
+    peers: tuple[str, ...] = ()
+
+
+_DONE = Decision(Action.DONE)
+
+
+def decide(sp: SyncPoint, now_s: float, rules: WaitRules, *, unreliable: bool, dead: Set[str],
+           progress_s: float) -> Decision:
+    """What to do at sync point ``sp`` (armed with :meth:`SyncPoint.arm`) at time ``now_s``.
+
+    Pure: reads ``sp`` (answers so far, deadlines, Resend history) and changes nothing.
+
+    * Every answer complete: ``DONE``.
+    * ``strict`` and a pending worker in ``dead``: ``LOST``.
+    * ``halo`` and no critical group missing (among live workers): ``DONE`` once every pending
+      live worker's deadline passed, else ``WAIT`` until the next deadline.
+    * Otherwise ``WAIT`` for arrivals; on the unreliable channel, a live worker missing a
+      critical row is due a Resend at its deadline, or once its burst of chunks went silent for
+      ``max(silence_gap_s, interval)`` after the last Resend's ``interval``, where ``interval =
+      max(resend_interval_s, 2 srtt)`` grows x2 per Resend at this point (x64 at most); due
+      workers are listed in ``resend`` and the wait ends at the next due time.
+    * Nothing arrived since ``progress_s`` for ``stall_timeout_s``: ``STALL``.
+
+    Args:
+        unreliable: the step travels on the unreliable channel (reliable answers just arrive).
+        dead: workers whose link closed.
+        progress_s: time of the last arrival (or of the start of waiting).
+    """
+    pending = lost = critical = False
+    all_due, soonest = True, math.inf
+    for peer, state in sp.peers.items():
+        v = state.vector
+        if v is not None and v.complete:
+            continue
+        pending = True
+        if peer in dead:
+            lost = True
+            continue
+        if not critical and sp._missing_critical(state):
+            critical = True
+        if now_s < state.deadline_s:
+            all_due = False
+            soonest = min(soonest, state.deadline_s)
+    if not pending:
+        return _DONE
+    if lost and rules.strict:
+        return Decision(Action.LOST, now_s, (), tuple(sorted(p for p in sp.pending_peers() if p in dead)))
+    resend: tuple[ResendOrder, ...] = ()
+    if rules.halo and not critical:
+        if all_due:
+            return _DONE
+        until = soonest
+    else:
+        until = now_s + rules.stall_timeout_s
+        if unreliable:
+            until, resend = _resends(sp, now_s, rules, dead, until)
+    if now_s - progress_s > rules.stall_timeout_s:
+        return Decision(Action.STALL, now_s, (), tuple(sorted(sp.pending_peers())))
+    return Decision(Action.WAIT, until, resend)
+
+
+def _resends(sp: SyncPoint, now_s: float, rules: WaitRules, dead: Set[str],
+             until: float) -> tuple[float, tuple[ResendOrder, ...]]:
+    """The Resends due now (see :func:`decide`) and the earliest next due time (at most ``until``)."""
+    orders: tuple[ResendOrder, ...] = ()
+    sent = sp.record.resends
+    for peer, state in sp.peers.items():
+        if peer in dead or not sp._missing_critical(state):
+            continue
+        srtt = state.timer.srtt if state.timer is not None else None
+        interval = max(rules.resend_interval_s, 2 * (srtt or 0.0))
+        due = state.next_resend_s
+        heard = sp.last_heard_s.get(peer)
+        if heard is not None:
+            due = min(due, max(heard + max(rules.silence_gap_s, interval), (state.last_resend_s or 0.0) + interval))
+        if now_s >= due:
+            sent += 1
+            backoff = state.last_resend_s is None and heard is None
+            due = now_s + interval * min(64, 2 ** (sent - 1))
+            orders += (ResendOrder(peer, sp.missing_chunks(peer), due, backoff),)
+        until = min(until, due)
+    return until, orders

@@ -8,33 +8,41 @@ partials summed into one row per segment (normally one), as
 a link that measured loss. Inputs of sync points older than the newest one computed are stale
 and dropped; a position whose input never arrived stays masked out of this worker's attention
 heads (see :meth:`halo_p2p.model.shard.GroupShard.partials`). It keeps the answers of the last
-few sync points to serve :class:`~halo_p2p.wire.messages.Resend`.
+few sync points to serve :class:`~halo_p2p.wire.messages.Resend`; a
+:class:`~halo_p2p.wire.messages.Reset` (a new sequence) clears them and its shard's KV cache. The
+frames, and the rules that size them, are those of :mod:`halo_p2p.session.frames`, shared with
+the coordinator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from halo_p2p.engine.compute import HANDOFF_S, ComputeThread
 from halo_p2p.engine.protocol import GroupCompute
-from halo_p2p.errors import HaloError, LinkClosed, WireError
-from halo_p2p.groups import GroupId, GroupLayout
-from halo_p2p.model.config import ModelConfig
+from halo_p2p.errors import HaloError, LinkClosed, VersionMismatch, WireError
+from halo_p2p.groups import GroupId, GroupLayout, tensor_names
 from halo_p2p.net.link import Channel, Link
-from halo_p2p.plan import PlacementPlan
-from halo_p2p.session.frames import send_paced
-from halo_p2p.session.sync import measured_lossy, sends_norms, step_channel
+from halo_p2p.plan import PlanBody
+from halo_p2p.session.frames import (
+    Answer,
+    SentVector,
+    answer_frames,
+    measured_lossy,
+    send_paced,
+    sends_norms,
+    step_channel,
+)
 from halo_p2p.wire import codec
 from halo_p2p.wire.chunks import Reassembly
-from halo_p2p.wire.framing import answer_template, encode_frames
 from halo_p2p.wire.messages import (
     Bye,
     ErrorReply,
@@ -45,6 +53,7 @@ from halo_p2p.wire.messages import (
     PlanReady,
     Resend,
     Reset,
+    SyncMode,
     WeightsDone,
     WeightsWanted,
 )
@@ -58,10 +67,11 @@ log = logging.getLogger(__name__)
 ShardFactory = Callable[[list[GroupId], int], GroupCompute]
 """Builds a peer's shard from (its groups, max_seq_len); runs on the compute thread."""
 
-ModelOpener = Callable[[str, Mapping[str, Any]], tuple[GroupLayout, ShardFactory]]
-"""Opens the model a :class:`Plan` names (by sha256; the plan body carries the group layout):
-returns its layout and a shard factory, or raises :class:`~halo_p2p.errors.HaloError` (the
-worker replies :class:`ErrorReply`). Runs on the compute thread."""
+ModelOpener = Callable[[str, PlanBody], tuple[GroupLayout, ShardFactory]]
+"""Opens the model a :class:`Plan` names (by sha256; the :class:`~halo_p2p.plan.PlanBody` carries
+the group layout and the model config): returns its layout (the worker refuses the plan unless
+it is the body's) and a shard factory, or raises :class:`~halo_p2p.errors.HaloError` (the worker
+replies :class:`ErrorReply`). Runs on the compute thread."""
 
 class NeedWeights(HaloError):
     """Raised by a shard factory of a peer without the model file: these groups must be streamed.
@@ -92,13 +102,6 @@ class _Input:
                                                                             f.segments)
 
 
-@dataclass(slots=True)
-class _Answer:
-    frames: list[bytes]
-    n_data: int
-    channel: Channel
-
-
 class Worker:
     """Serves one coordinator over ``link``.
 
@@ -120,10 +123,10 @@ class Worker:
         self.layout: GroupLayout | None = None
         self.shard: GroupCompute | None = None
         self.session = -1
-        self.mode = "halo"
+        self.mode = SyncMode.HALO
         self.fmt: WireFormat = wire_format("q8_0")
         self._inputs: dict[tuple[int, int, int], _Input] = {}
-        self._results: OrderedDict[tuple[int, int, int], _Answer] = OrderedDict()
+        self._results: OrderedDict[tuple[int, int, int], SentVector] = OrderedDict()   # answers kept for Resend
         self._checks: dict[tuple[int, int, int], asyncio.TimerHandle] = {}
         self._pending: tuple[Plan, NeedWeights] | None = None     # a plan waiting for streamed weights
         self._streamed: dict[GroupId, dict[str, Reassembly]] = {}
@@ -139,7 +142,7 @@ class Worker:
         try:
             while True:
                 try:
-                    _, frame = await self.link.recv()
+                    channel, frame = await self.link.recv()
                 except LinkClosed:
                     return
                 try:
@@ -147,6 +150,9 @@ class Worker:
                 except WireError as exc:
                     self.counters["malformed"] += 1
                     log.debug("%s: malformed frame: %s", self.peer_id, exc)
+                    if channel == Channel.RELIABLE:    # a control message (e.g. a bad Plan body): say so
+                        code = "version_mismatch" if isinstance(exc, VersionMismatch) else "decode_error"
+                        await self._reply(ErrorReply(code=code, message=str(exc)[:400]))
                     continue
                 if isinstance(msg, LayerInput):
                     self._on_input(msg)
@@ -161,8 +167,7 @@ class Worker:
                         plan, self._pending = self._pending[0], None
                         await self._on_plan(plan)
                 elif isinstance(msg, Reset):
-                    self._inputs.clear()
-                    self._results.clear()
+                    await self._on_reset(msg)
                 elif isinstance(msg, Bye):
                     return
                 else:
@@ -173,35 +178,55 @@ class Worker:
             computer.cancel()
             await asyncio.gather(computer, return_exceptions=True)
 
+    async def _reply(self, msg: ErrorReply) -> None:
+        with contextlib.suppress(LinkClosed):
+            await self.link.send(Channel.RELIABLE, codec.encode(msg))
+
     async def _on_plan(self, msg: Plan) -> None:
         t0 = time.perf_counter()
+        body = msg.plan
         try:
-            body = msg.plan
             layout, factory = await self.compute.run(self.open_model, msg.model_sha256, body)
-            plan = PlacementPlan.from_dict(body["placement"], layout)
-            max_seq_len = int(body["max_seq_len"])
-            groups = plan.groups_of(self.peer_id)
+            if layout != body.layout:
+                raise HaloError(f"the plan's layout {body.layout} is not this peer's model's {layout}",
+                                "check both peers hold the same model file")
+            groups = body.placement.groups_of(self.peer_id)
             try:
-                self.shard = await self.compute.run(factory, groups, max_seq_len)
+                self.shard = await self.compute.run(factory, groups, body.max_seq_len)
             except NeedWeights as need:
                 self._await_weights(msg, need)
                 flat = tuple(v for g in need.groups for v in (g.layer, g.part, g.index))
                 await self.link.send(Channel.RELIABLE, codec.encode(WeightsWanted(session=msg.session, groups=flat)))
                 return
             self.layout = layout
-        except (HaloError, KeyError, TypeError, ValueError) as exc:
+        except HaloError as exc:
             self.counters["bad_plan"] += 1
             log.warning("%s: refusing plan: %s", self.peer_id, exc)
             await self.link.send(Channel.RELIABLE, codec.encode(ErrorReply(code="bad-plan", message=str(exc))))
             return
         self.session, self.mode = msg.session, msg.mode
         self.fmt = wire_format(msg.wire_dtype)
-        self._inputs.clear()
-        self._results.clear()
+        self._forget()
         self._latest = (-1, -1, -1)
         ready = PlanReady(session=msg.session, weight_bytes=self.shard.weight_bytes(),
                           load_s=time.perf_counter() - t0)
         await self.link.send(Channel.RELIABLE, codec.encode(ready))
+
+    async def _on_reset(self, msg: Reset) -> None:
+        """A new sequence: forget the inputs and answers kept, and the shard's KV cache."""
+        if msg.session != self.session or self.shard is None:
+            self.counters["stale"] += 1
+            return
+        self._forget()
+        await self.compute.run(self.shard.reset)     # after any computation already queued there
+        self.counters["resets"] += 1
+
+    def _forget(self) -> None:
+        self._inputs.clear()
+        self._results.clear()
+        for handle in self._checks.values():
+            handle.cancel()
+        self._checks.clear()
 
     def _await_weights(self, plan: Plan, need: NeedWeights) -> None:
         self._pending = (plan, need)
@@ -213,6 +238,10 @@ class Worker:
             self.counters["stale"] += 1
             return
         gid = GroupId(msg.layer, msg.part, msg.index)
+        shapes = self._pending[0].plan.layout.tensor_shapes(gid.part)
+        if shapes.get(msg.name) != (msg.rows, msg.cols):
+            self.counters["malformed"] += 1           # another name or shape than this group's
+            return
         parts = self._streamed.setdefault(gid, {})
         try:
             piece = parts.setdefault(msg.name, Reassembly(msg.rows * msg.cols, msg.data.dtype))
@@ -220,20 +249,12 @@ class Worker:
         except WireError:
             self.counters["malformed"] += 1
             return
-        names = ("wq", "wk", "wv", "wo") if gid.part == 0 else ("w1", "w3", "w2")
+        names = tensor_names(gid.part)
         if all(n in parts and parts[n].complete for n in names):
-            shapes = self._shapes(gid)
             tensors = {n: parts[n].array.astype(np.float32).reshape(shapes[n]) for n in names}
             del self._streamed[gid]
             await self.compute.run(self._pending[1].store, gid, tensors)
             self.counters["groups_streamed"] += 1
-
-    def _shapes(self, gid: GroupId) -> dict[str, tuple[int, int]]:
-        c = ModelConfig(**self._pending[0].plan["config"])  # type: ignore[index]
-        width = c.q_per_kv * c.head_dim
-        g = int(self._pending[0].plan["placement"]["mlp_group_size"])  # type: ignore[index]
-        return {"wq": (width, c.dim), "wk": (c.head_dim, c.dim), "wv": (c.head_dim, c.dim), "wo": (c.dim, width),
-                "w1": (g, c.dim), "w3": (g, c.dim), "w2": (c.dim, g)}
 
     def _on_input(self, msg: LayerInput) -> None:
         key = (msg.step, msg.layer, msg.part)
@@ -277,7 +298,7 @@ class Worker:
         if inp is None or inp.queued or key <= self._latest:
             return
         self.counters["need_input"] += 1
-        frame = codec.encode(NeedInput(session=self.session, step=key[0], layer=key[1], part=key[2]))  # type: ignore[arg-type]
+        frame = codec.encode(NeedInput(session=self.session, step=key[0], layer=key[1], part=key[2]))
         task = asyncio.ensure_future(self.link.send(Channel.UNRELIABLE, frame))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -303,27 +324,19 @@ class Worker:
             for old in [k for k in self._inputs if k <= key]:
                 del self._inputs[old]
             x = inp.vector.values().reshape(head.n_tokens, self.layout.dim)
-            rows, i = [], 0
-            for n in head.segments:
-                rows.append(list(head.groups[i:i + n]))
-                i += n
+            rows = [list(r) for r in Answer(head.groups, head.segments).rows()]
             norms = sends_norms(self.mode, head.n_tokens, head.step)
             sums, group_norms = await self.compute.run(   # a decode step's share: inline once measured short
                 self.shard.answer, layer, part, x, head.start_pos, rows, norms=norms,
                 inline_below_s=HANDOFF_S if head.n_tokens == 1 else None, kind=f"answer/{head.n_tokens == 1}")
             channel = step_channel(self.mode, head.n_tokens)
-            template = answer_template(self.session, head.step, head.layer, head.part, n_groups=len(head.groups),
-                                       norms=norms, fmt=self.fmt)
-            vec, frames = encode_frames(template, sums.reshape(-1), self.fmt, reliable=channel == Channel.RELIABLE,
-                                        parity=self._parity_on(channel),
-                                        norms=group_norms.astype(np.float16) if group_norms is not None else None)
-            self._results[key] = _Answer(frames, vec.n_data, channel)
+            sent = answer_frames(self.session, head.step, head.layer, head.part, n_groups=len(head.groups),
+                                 values=sums.reshape(-1), fmt=self.fmt, channel=channel,
+                                 parity=self._parity_on(channel), norms=group_norms if norms else None)
+            self._results[key] = sent
             while len(self._results) > _KEEP_RESULTS:
                 self._results.popitem(last=False)
-            await self._send_all(channel, frames)
-
-    async def _send_all(self, channel: Channel, frames: list[bytes]) -> None:
-        await send_paced(self.link, channel, frames)
+            await send_paced(self.link, channel, sent.frames)
 
     def _parity_on(self, channel: Channel) -> bool:
         """Whether the answer carries parity chunks: uplink FEC on the unreliable channel, unless
@@ -341,8 +354,8 @@ class Worker:
             if waiting or (key > self._latest and key not in self._inputs):
                 self.counters["need_input"] += 1
                 await self.link.send(Channel.UNRELIABLE, codec.encode(NeedInput(
-                    session=self.session, step=msg.step, layer=msg.layer, part=msg.part)))  # type: ignore[arg-type]
+                    session=self.session, step=msg.step, layer=msg.layer, part=msg.part)))
             return
-        wanted = [k for k in msg.chunks if k < answer.n_data] if msg.chunks else range(answer.n_data)
-        self.counters["resent_chunks"] += len(wanted)
-        await self._send_all(answer.channel, [answer.frames[k] for k in wanted] + answer.frames[answer.n_data:])
+        again = answer.again(msg.chunks)
+        self.counters["resent_chunks"] += len(again) - (len(answer.frames) - answer.n_data)   # data chunks
+        await send_paced(self.link, answer.channel, again)

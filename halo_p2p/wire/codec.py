@@ -9,6 +9,7 @@ strings under an RFC 8746 little-endian typed-array tag (64 uint8, 84 float16, 8
 from __future__ import annotations
 
 import dataclasses
+import enum
 import io
 import math
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from halo_p2p.errors import DecodeError, VersionMismatch, WireError
+from halo_p2p.errors import DecodeError, HaloError, VersionMismatch, WireError
 from halo_p2p.wire.messages import (
     REGISTRY,
     WIRE_VERSION,
@@ -44,7 +45,7 @@ _TAG_DTYPES: dict[int, np.dtype[Any]] = {tag - big * 4: np.dtype(name).newbyteor
                                          if not (big and np.dtype(name).itemsize == 1)}
 _LE_DTYPES = {name: _TAG_DTYPES[tag] for name, tag in TYPED_ARRAY_TAGS.items()}
 _NDARRAY_TAG = 40  # RFC 8746 multi-dimensional array, row-major: 40([shape, typed array])
-_MAX_DEPTH = 64  # nesting of the plan dict
+_MAX_DEPTH = 64  # nesting of a map field (the plan body)
 _FROZEN_KINDS = (Bye.KIND, ErrorReply.KIND)  # the same layout in every version
 _NATIVE = "<" if sys.byteorder == "little" else ">"
 _LITTLE = ("<", "=") if _NATIVE == "<" else ("<",)  # dtype.byteorder values meaning little-endian
@@ -98,6 +99,41 @@ def _str_codec(choices: tuple[str, ...] | None) -> tuple[Callable[[Any], Any], C
     return check, check
 
 
+def _enum_codec(kind: type[enum.Enum]) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """A ``StrEnum`` field: its value string on the wire, the member once decoded (encode also
+    takes the plain string)."""
+    members = {m.value: m for m in kind}
+    choices = ", ".join(map(repr, members))
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, str):
+            raise _Invalid(f"must be str, got {_name(v)}")
+        m = members.get(v)
+        if m is None:
+            raise _Invalid(f"must be one of {choices}, got {v[:80]!r}")
+        return m
+
+    return (lambda v: check(v).value), check
+
+
+def _body_codec(kind: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """A typed body (``to_dict()`` / ``from_dict()``, e.g. :class:`~halo_p2p.plan.PlanBody`): its
+    JSON-like map on the wire; ``from_dict``'s validation errors become ``_Invalid``."""
+
+    def encode_body(v: Any) -> Any:
+        if type(v) is not kind:
+            raise _Invalid(f"must be {kind.__name__}, got {_name(v)}")
+        return _dict_check(v.to_dict())
+
+    def decode_body(v: Any) -> Any:
+        try:
+            return kind.from_dict(_dict_check(v))
+        except HaloError as exc:
+            raise _Invalid(f"is invalid: {exc.problem}") from None
+
+    return encode_body, decode_body
+
+
 def _uint_tuple_encode(v: Any) -> Any:
     return _uint_tuple_decode(v, (tuple,))
 
@@ -138,7 +174,8 @@ def _json_check(v: Any, depth: int = 0) -> None:
 def _dict_check(v: Any) -> Any:
     if type(v) is not dict:
         raise _Invalid(f"must be dict, got {_name(v)}")
-    return _json_check(v) or v
+    _json_check(v)
+    return v
 
 
 def _array_codec(dtypes: tuple[str, ...]) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
@@ -225,6 +262,10 @@ def _field_codec(hint: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]
         return _str_codec(None)
     if origin is typing.Literal and all(type(a) is str for a in args):
         return _str_codec(tuple(args))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum) and all(type(m.value) is str for m in hint):
+        return _enum_codec(hint)
+    if isinstance(hint, type) and all(callable(getattr(hint, name, None)) for name in ("from_dict", "to_dict")):
+        return _body_codec(hint)
     if origin is tuple and args == (int, ...):
         return _uint_tuple_encode, _uint_tuple_decode
     if origin is dict and args[:1] == (str,):
@@ -357,8 +398,8 @@ def payload_budget(template: Message, budget_bytes: int = SCTP_USERDATA_BYTES) -
         WireError: ``template`` cannot be encoded.
     """
     fields = {f.name for f in dataclasses.fields(template)}
-    small = {k: v for k, v in (("chunk", 0), ("n_data", 1), ("n_parity", 0), ("offset", 0)) if k in fields}
-    frame = encode(dataclasses.replace(template, **small))          # type: ignore[type-var]
+    small: dict[str, Any] = {k: v for k, v in (("chunk", 0), ("n_data", 1), ("n_parity", 0), ("offset", 0)) if k in fields}
+    frame = encode(dataclasses.replace(template, **small))
     widen = sum(4 if k == "offset" else 2 for k in small)           # 1-byte ints -> 3 bytes (offset: 5)
     return budget_bytes - len(frame) - widen - 2                    # byte-string head: 1 -> 3 bytes
 

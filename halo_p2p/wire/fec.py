@@ -22,7 +22,7 @@ from halo_p2p.errors import WireError
 
 __all__ = ["delivery_probability", "encode_parity", "min_parity", "parity_dtype", "recover"]
 
-_BITS = {
+_BITS: dict[np.dtype, np.dtype] = {
     np.dtype(np.uint8): np.dtype(np.uint8),        # Q8_0 blocks (halo_p2p.wire.quant) are bytes already
     np.dtype(np.float16): np.dtype(np.uint16),
     np.dtype(np.float32): np.dtype(np.uint32),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from halo_p2p.wire.messages import LayerInput, Partial
 from halo_p2p.wire.quant import WireFormat
 from halo_p2p.wire.vector import EncodedVector, chunk_count, encode_vector
 
-__all__ = ["RELIABLE_CHUNK_BYTES", "answer_chunks", "answer_template", "encode_frames", "input_template"]
+__all__ = ["RELIABLE_CHUNK_BYTES", "answer_chunk_count", "answer_chunks", "answer_template", "encode_frames",
+           "input_template"]
 
 RELIABLE_CHUNK_BYTES = 64 * 1024
 """Payload of one activation message on the reliable channel (it has no per-packet loss, and
@@ -32,7 +34,7 @@ WebRTC messages may be up to 256 KiB); the unreliable channel keeps one SCTP pac
 def input_template(session: int, step: int, layer: int, part: int, *, start_pos: int, n_tokens: int,
                    groups: tuple[int, ...], segments: tuple[int, ...], fmt: WireFormat) -> LayerInput:
     """A :class:`LayerInput` with every field but the chunk's (``data`` empty)."""
-    return LayerInput(session=session, step=step, layer=layer, part=part, start_pos=start_pos,  # type: ignore[arg-type]
+    return LayerInput(session=session, step=step, layer=layer, part=part, start_pos=start_pos,
                       n_tokens=n_tokens, groups=groups, segments=segments, chunk=0, n_data=1, n_parity=0, offset=0,
                       data=np.zeros(0, fmt.dtype))
 
@@ -41,7 +43,7 @@ def answer_template(session: int, step: int, layer: int, part: int, *, n_groups:
                     fmt: WireFormat) -> Partial:
     """A :class:`Partial` with every field but the chunk's; ``norms`` reserves room for ``n_groups``
     float16 norms (sent on chunk 0 of a ``halo`` decode step's answer)."""
-    return Partial(session=session, step=step, layer=layer, part=part, chunk=0, n_data=1,  # type: ignore[arg-type]
+    return Partial(session=session, step=step, layer=layer, part=part, chunk=0, n_data=1,
                    n_parity=0, offset=0, norms=np.zeros(n_groups if norms else 0, np.float16),
                    data=np.zeros(0, fmt.dtype))
 
@@ -77,6 +79,13 @@ def answer_chunks(template: Partial, n_elems: int, fmt: WireFormat, *, reliable:
     return chunk_count(fmt, n_elems, _budget(template, reliable))
 
 
+def answer_chunk_count(n_elems: int, fmt: WireFormat, *, n_norms: int, reliable: bool) -> int:
+    """:func:`answer_chunks` of an answer whose frames reserve room for ``n_norms`` norms, without
+    building its template (the coordinator asks this for every worker at every sync point)."""
+    budget = RELIABLE_CHUNK_BYTES if reliable else _packet_budget(Partial, (), (), n_norms, fmt.dtype.str)
+    return chunk_count(fmt, n_elems, budget)
+
+
 def encode_frames(template: LayerInput | Partial, values: np.ndarray, fmt: WireFormat, *, reliable: bool,
                   parity: bool, norms: np.ndarray | None = None,
                   cache: dict[tuple[int, bool], EncodedVector] | None = None) -> tuple[EncodedVector, list[bytes]]:
@@ -85,21 +94,28 @@ def encode_frames(template: LayerInput | Partial, values: np.ndarray, fmt: WireF
     On the unreliable channel every frame fits one SCTP packet (``codec.payload_budget`` of the
     frame's shape with its step-dependent integers at their widest, so both ends agree whatever
     the step), on the reliable one a chunk carries up to :data:`RELIABLE_CHUNK_BYTES`. ``norms`` (answers only)
-    goes on chunk 0; it must have the template's length. ``cache`` (one dict per vector) keeps
-    the encoded payloads, so one input sent to several workers is quantized once.
+    goes on chunk 0; it must have the template's length. ``cache`` (one dict per vector, keyed by
+    chunk count and parity) keeps the encoded payloads, so one input sent to several workers is
+    quantized once, whatever their headers and whether their links take parity.
 
     Raises:
         WireError: ``values`` cannot be encoded in ``fmt`` (a NaN in ``q8_0``).
     """
     budget = _budget(template, reliable)
-    vec = cache.get((budget, parity)) if cache is not None else None
-    if vec is None:
+    if cache is None:
         vec = encode_vector(fmt, values, budget, parity=parity)
-        if cache is not None:
-            cache[budget, parity] = vec
+    else:
+        n_data = chunk_count(fmt, values.size, budget)
+        hit = cache.get((n_data, parity))
+        if hit is None:
+            other = cache.get((n_data, not parity))
+            hit = other.with_parity(parity) if other is not None else encode_vector(fmt, values, budget,
+                                                                                   parity=parity)
+            cache[n_data, parity] = hit
+        vec = hit
     frames = []
     for k, payload in enumerate(vec.payloads):
-        extra = {}
+        extra: dict[str, Any] = {}
         if isinstance(template, Partial):
             extra["norms"] = norms if k == 0 and norms is not None else template.norms[:0]
         frames.append(codec.encode(dataclasses.replace(

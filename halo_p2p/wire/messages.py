@@ -10,8 +10,11 @@ Field annotations are the wire schema; the codec reads them once at import:
 - ``int``: an unsigned integer below 2**32 (``U64``: below 2**64; ``Part``: 0 or 1);
 - ``float``: a finite float (seconds, in ``*_s`` fields);
 - ``str`` / ``Literal["a", "b"]``: a text string (one of the literals);
+- a ``StrEnum`` (:class:`SyncMode`, :class:`WireDtype`): a text string, one of its values;
 - ``tuple[int, ...]``: an array of unsigned 32-bit integers;
 - ``dict[str, Any]``: a JSON-like map (str keys; values None, bool, int, float, str, list, dict);
+- a class with ``to_dict()`` / ``from_dict()`` (:class:`~halo_p2p.plan.PlanBody`): its JSON-like map,
+  parsed and validated by ``from_dict`` on decode;
 - ``Activations`` / ``Payload`` / ``Norms``: a 1-D numpy array sent as an RFC 8746 typed array.
 
 Arrays are compared bit for bit by ``==`` (dtype and bit patterns, whatever the byte order), so
@@ -26,9 +29,12 @@ codec needs no change unless a new field type appears.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
+
+from halo_p2p.plan import PlanBody
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -59,8 +65,10 @@ __all__ = [
     "SignalAnswer",
     "SignalOffer",
     "SignalRefused",
+    "SyncMode",
     "WeightsDone",
     "WeightsWanted",
+    "WireDtype",
 ]
 
 WIRE_VERSION = 2
@@ -93,10 +101,31 @@ patterns (uint8 / uint16 / uint32)."""
 Norms = Annotated[np.ndarray, Dtypes(("float16",))]
 """A 1-D float16 array of per-group partial norms."""
 
-SYNC_MODES = ("strict", "strict-unreliable", "halo")
-"""``Plan.mode`` values: see :class:`Plan`."""
-WIRE_DTYPES = ("float16", "float32", "q8_0")
-"""``Plan.wire_dtype`` values: the activation formats of :mod:`halo_p2p.wire.quant`."""
+
+
+class SyncMode(StrEnum):
+    """How a session synchronizes (``Plan.mode``; on the wire, the value string)."""
+
+    STRICT = "strict"
+    """Wait for every answer; inputs and answers on the reliable channel."""
+    STRICT_UNRELIABLE = "strict-unreliable"
+    """Wait for every answer; decode steps on the unreliable channel with FEC, deadlines and Resend."""
+    HALO = "halo"
+    """Relaxed synchronization: wait only for the critical groups' answers."""
+
+
+class WireDtype(StrEnum):
+    """Activation format on the wire (``Plan.wire_dtype``): see :mod:`halo_p2p.wire.quant`."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+    Q8_0 = "q8_0"
+
+
+SYNC_MODES: tuple[str, ...] = tuple(m.value for m in SyncMode)
+"""``Plan.mode`` values, as strings: ``("strict", "strict-unreliable", "halo")``."""
+WIRE_DTYPES: tuple[str, ...] = tuple(d.value for d in WireDtype)
+"""``Plan.wire_dtype`` values, as strings: ``("float16", "float32", "q8_0")``."""
 
 
 def _little(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -309,12 +338,13 @@ class Plan(_Base):
     Attributes:
         session: new session id (unsigned 32-bit; chosen by the coordinator).
         model_sha256: lowercase hex SHA-256 of the model file (64 characters).
-        plan: the placement plan, an opaque JSON-like dict built by the planner.
+        plan: the placement, the model config and the context length (:class:`~halo_p2p.plan.PlanBody`,
+            sent as its versioned map, validated on decode: a bad body is a ``DecodeError``).
         wire_dtype: activation format on the wire, ``"float16"``, ``"float32"`` or ``"q8_0"``
-            (:mod:`halo_p2p.wire.quant`).
+            (:class:`WireDtype`, :mod:`halo_p2p.wire.quant`); decoded as a :class:`WireDtype`.
         mode: ``"strict"`` (every partial, on the reliable channel), ``"strict-unreliable"``
             (every partial, on the unreliable channel with FEC and Resend: the fair strict
-            baseline) or ``"halo"`` (relaxed synchronization).
+            baseline) or ``"halo"`` (relaxed synchronization); decoded as a :class:`SyncMode`.
     """
 
     KIND: ClassVar[int] = 8
@@ -322,9 +352,9 @@ class Plan(_Base):
 
     session: int
     model_sha256: str
-    plan: dict[str, Any]
-    wire_dtype: Literal["float16", "float32", "q8_0"]
-    mode: Literal["strict", "strict-unreliable", "halo"]
+    plan: PlanBody
+    wire_dtype: WireDtype
+    mode: SyncMode
 
     def check(self) -> str | None:
         sha = self.model_sha256
@@ -356,7 +386,11 @@ class PlanReady(_Base):
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False, repr=False)
 class Reset(_Base):
-    """Coordinator -> worker: clear the KV cache of ``session`` (a new conversation)."""
+    """Coordinator -> worker: start a new sequence in ``session`` (a new conversation).
+
+    The worker forgets every position of its shard's KV cache and drops the inputs and answers
+    it keeps; a ``Reset`` of another session is ignored. The coordinator sends it before a
+    forward pass from position 0 that is not the session's first."""
 
     KIND: ClassVar[int] = 10
     RELIABLE: ClassVar[bool] = True
@@ -461,8 +495,10 @@ class GroupTensor(_Base):
     Attributes:
         session: the session of the :class:`Plan`.
         layer, part, index: the group.
-        name: ``wq``/``wk``/``wv``/``wo`` (attention) or ``w1``/``w3``/``w2`` (MLP).
-        rows, cols: the matrix's shape (``wo`` and ``w2`` are column slices: ``(dim, width)``).
+        name: ``wq``/``wk``/``wv``/``wo`` (attention) or ``w1``/``w3``/``w2`` (MLP):
+            :func:`halo_p2p.groups.tensor_names`.
+        rows, cols: the matrix's shape, :meth:`halo_p2p.groups.GroupLayout.tensor_shapes` (``wo``
+            and ``w2`` are column slices: ``(dim, width)``); a worker refuses any other.
         offset: first element (row-major flat index) of ``data``.
         data: 1-D float32 (or float16) elements ``[offset, offset + len(data))``.
     """

@@ -80,6 +80,15 @@ class EncodedVector:
         """``offset`` field of chunk ``chunk`` (0 for a parity chunk)."""
         return self.offsets[chunk] if chunk < self.n_data else 0
 
+    def with_parity(self, parity: bool) -> EncodedVector:
+        """The same data chunks followed by :func:`default_parity` parity chunks (``parity``) or by
+        none: what :func:`encode_vector` returns for that ``parity``, without packing again."""
+        n_parity = default_parity(self.n_data) if parity else 0
+        if n_parity == self.n_parity:
+            return self
+        data = self.payloads[:self.n_data]
+        return EncodedVector(self.n_data, n_parity, self.offsets, data + fec.encode_parity(data, n_parity))
+
 
 def encode_vector(fmt: WireFormat, values: np.ndarray, max_payload_bytes: int, *, parity: bool) -> EncodedVector:
     """Cut float32 ``values`` into the fewest chunks whose payload fits ``max_payload_bytes``.

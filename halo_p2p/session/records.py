@@ -1,0 +1,143 @@
+"""What a session measures and records: response times (-> deadlines) and each step's sync points.
+
+Pure: no I/O, no clock reads (times are passed in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["ResponseTimer", "StepRecord", "SyncRecord", "mean_recall"]
+
+
+class ResponseTimer:
+    """Estimates one peer's response time at one sync point and derives its deadline.
+
+    The estimator is TCP's retransmission-timer estimator (RFC 6298, section 2): smoothed mean
+    ``srtt`` and mean deviation ``rttvar`` of the time from sending a layer input to receiving
+    the peer's last partial; the deadline is ``srtt + k * rttvar``, at least ``floor_s``. Until
+    ``warmup`` samples arrived the deadline is ``initial_s``.
+
+    Args:
+        initial_s: deadline before enough samples (seconds).
+        k: deviations of slack (RFC 6298 uses 4).
+        floor_s: smallest deadline (seconds).
+    """
+
+    ALPHA, BETA = 1 / 8, 1 / 4   # RFC 6298 gains
+
+    # Karn's algorithm (RFC 6298 section 3): responses that needed a Resend or a repeated input
+    # are not sampled, or recovery delays would inflate the deadline.
+
+    def __init__(self, *, initial_s: float = 0.5, k: float = 4.0, floor_s: float = 0.002,
+                 warmup: int = 3) -> None:
+        self.initial_s, self.k, self.floor_s, self.warmup = initial_s, k, floor_s, warmup
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.samples = 0
+        self.backoff_factor = 1.0     # RFC 6298 5.5: doubled per expiry, reset by a clean sample
+
+    def observe(self, sample_s: float) -> None:
+        """Add one measured response time (seconds)."""
+        if not math.isfinite(sample_s) or sample_s < 0:
+            return
+        self.backoff_factor = 1.0
+        if self.srtt is None:
+            self.srtt, self.rttvar = sample_s, sample_s / 2
+        else:
+            self.rttvar = (1 - self.BETA) * self.rttvar + self.BETA * abs(self.srtt - sample_s)
+            self.srtt = (1 - self.ALPHA) * self.srtt + self.ALPHA * sample_s
+        self.samples += 1
+
+    def deadline_s(self) -> float:
+        """How long after sending to wait for this peer's non-critical partials (seconds)."""
+        if self.srtt is None or self.samples < self.warmup:
+            return self.initial_s * self.backoff_factor
+        return max(self.floor_s, self.srtt + self.k * self.rttvar) * self.backoff_factor
+
+    def backoff(self, cap: float = 64.0) -> None:
+        """The deadline expired before the response (RFC 6298 section 5.5): double it until a
+        response arrives in time and gives a clean sample (Karn's algorithm blocks the others,
+        so without this a deadline below the true response time would never recover)."""
+        self.backoff_factor = min(cap, 2 * self.backoff_factor)
+
+
+@dataclass(slots=True)
+class SyncRecord:
+    """What happened at one sync point (for ``--json`` and the chat status line).
+
+    Attributes:
+        layer, part: the sync point.
+        wait_s: time from sending the input to moving on (seconds).
+        used: groups whose whole partial was summed.
+        partial: groups of which only some chunks were summed.
+        missing: groups of which nothing arrived in time.
+        late: chunks that arrived after the coordinator moved on.
+        resends: Resend requests sent for critical groups.
+        critical: critical groups at this point.
+        taken_over: critical MLP groups of unstable peers computed by the coordinator instead.
+        recovered: answer chunks rebuilt from uplink parity (FEC).
+        recall: share of the truly top-k groups (k = ``critical``, by partial norm) the policy
+            marked critical; None when not measured (strict, prompts, all critical, skips).
+    """
+
+    layer: int
+    part: int
+    wait_s: float = 0.0
+    used: int = 0
+    partial: int = 0
+    missing: int = 0
+    late: int = 0
+    resends: int = 0
+    critical: int = 0
+    recovered: int = 0
+    recall: float | None = None
+    taken_over: int = 0
+    skipped_groups: list[int] = field(default_factory=list)
+
+
+def mean_recall(records: Iterable[SyncRecord | StepRecord]) -> float | None:
+    """Mean ``recall`` of the records that measured one (None if none did)."""
+    got = [r.recall for r in records if r.recall is not None]
+    return sum(got) / len(got) if got else None
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One forward pass (a decoded token, or a prompt): its sync points."""
+
+    step: int
+    start_pos: int
+    n_tokens: int
+    syncs: list[SyncRecord] = field(default_factory=list)
+
+    @property
+    def wait_s(self) -> float:
+        return sum(s.wait_s for s in self.syncs)
+
+    @property
+    def skipped(self) -> int:
+        """Groups not (fully) summed: missing or partial."""
+        return sum(s.missing + s.partial for s in self.syncs)
+
+    @property
+    def recall(self) -> float | None:
+        """Mean criticality recall over the sync points where it was measured (see :class:`SyncRecord`)."""
+        return mean_recall(self.syncs)
+
+    @property
+    def late(self) -> int:
+        return sum(s.late for s in self.syncs)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "step": self.step, "start_pos": self.start_pos, "n_tokens": self.n_tokens,
+            "wait_ms": 1000 * self.wait_s, "skipped_groups": self.skipped, "late_chunks": self.late,
+            "resends": sum(s.resends for s in self.syncs),
+            "taken_over": sum(s.taken_over for s in self.syncs),
+            "recovered_chunks": sum(s.recovered for s in self.syncs),
+            "criticality_recall": self.recall,
+            "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
+        }
