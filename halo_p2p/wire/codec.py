@@ -398,7 +398,8 @@ def payload_budget(template: Message, budget_bytes: int = SCTP_USERDATA_BYTES) -
         WireError: ``template`` cannot be encoded.
     """
     fields = {f.name for f in dataclasses.fields(template)}
-    small: dict[str, Any] = {k: v for k, v in (("chunk", 0), ("n_data", 1), ("n_parity", 0), ("offset", 0)) if k in fields}
+    small: dict[str, Any] = {k: v for k, v in (("chunk", 0), ("n_data", 1), ("n_parity", 0), ("offset", 0))
+                             if k in fields}
     frame = encode(dataclasses.replace(template, **small))
     widen = sum(4 if k == "offset" else 2 for k in small)           # 1-byte ints -> 3 bytes (offset: 5)
     return budget_bytes - len(frame) - widen - 2                    # byte-string head: 1 -> 3 bytes
