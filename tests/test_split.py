@@ -504,7 +504,7 @@ async def test_a_new_sequence_resets_the_workers_and_stays_exact(stories) -> Non
                                        critical="all")
     try:
         got = [await _generate(swarm.coordinator, tok, p, params) for p in ("Once upon a time", "Tom and Sue")]
-        resets = [w.counters["resets"] for w in swarm.workers]
+        resets = [w.counters["resets"] for w in _workers(swarm)]
     finally:
         await swarm.aclose()
     assert resets == [3, 3]        # the first prefill replay, the second prompt, its prefill replay
