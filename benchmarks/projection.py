@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from halo_p2p.groups import GroupId
+from halo_p2p.groups import GroupId, GroupLayout
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.testbed.sim import (
     LLAMA2_7B,
@@ -157,14 +157,11 @@ def sensitivity(args: argparse.Namespace) -> dict:
 class _RandomWeights:
     """Random float32 group weights of a shape (the GroupWeights protocol of GroupShard)."""
 
-    def __init__(self, config, mlp_group_size: int) -> None:
-        self.config, self.g, self._rng = config, mlp_group_size, np.random.default_rng(0)
+    def __init__(self, config, layout: GroupLayout) -> None:
+        self.config, self.layout, self._rng = config, layout, np.random.default_rng(0)
 
     def group(self, gid: GroupId) -> dict[str, np.ndarray]:
-        c, g = self.config, self.g
-        width = c.q_per_kv * c.head_dim
-        shapes = ({"wq": (width, c.dim), "wk": (c.head_dim, c.dim), "wv": (c.head_dim, c.dim), "wo": (c.dim, width)}
-                  if gid.part == 0 else {"w1": (g, c.dim), "w3": (g, c.dim), "w2": (c.dim, g)})
+        shapes = self.layout.tensor_shapes(gid.part)
         return {k: self._rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shapes.items()}
 
 
@@ -189,7 +186,7 @@ def measure_local(n_workers: int = 3, repeats: int = 60) -> dict[str, float]:
     from halo_p2p.wire.quant import wire_format
 
     layout = SMOLLM2_135M.layout()
-    weights = _RandomWeights(SMOLLM2_135M.config(), layout.mlp_group_size)
+    weights = _RandomWeights(SMOLLM2_135M.config(), layout)
     cases = [(0, [0]), (0, [0, 1, 2]), (1, list(range(6))), (1, list(range(24)))]   # (part, groups), layer 0
     shards = [GroupShard(weights, layout, [GroupId(0, part, i) for i in idx], max_seq_len=256) for part, idx in cases]
     x = np.random.default_rng(1).standard_normal((1, layout.dim)).astype(np.float32)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from halo_p2p.errors import ConfigError
 from halo_p2p.model.config import ModelConfig
 
-__all__ = ["ATTN", "ATTN_TENSORS", "MLP", "MLP_TENSORS", "PARTS", "GroupId", "GroupLayout", "default_mlp_group_size",
-           "tensor_names"]
+__all__ = ["ATTN", "ATTN_TENSORS", "MLP", "MLP_TENSORS", "PARTS", "SLICE_AXIS", "GroupId", "GroupLayout",
+           "default_mlp_group_size", "tensor_names"]
 
 ATTN = 0
 """Synchronization point of the attention groups (input: RMSNorm of the residual)."""
@@ -38,6 +38,8 @@ ATTN_TENSORS = ("wq", "wk", "wv", "wo")
 """Weight matrices of an attention group: rows of Wq, Wk, Wv and columns of Wo."""
 MLP_TENSORS = ("w1", "w3", "w2")
 """Weight matrices of an MLP group: rows of W1, W3 and columns of W2."""
+SLICE_AXIS = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+"""Axis along which a group's slice of each matrix is cut: 0 rows, 1 columns (Wo, W2)."""
 
 
 def tensor_names(part: int) -> tuple[str, ...]:
@@ -131,6 +133,15 @@ class GroupLayout:
     def mlp_rows(self, index: int) -> tuple[int, int]:
         """Rows of W1/W3 (and columns of W2) of MLP group ``index``, half-open."""
         return index * self.mlp_group_size, (index + 1) * self.mlp_group_size
+
+    def tensor_spans(self, part: int, index: int) -> dict[str, tuple[int, int]]:
+        """Name -> the half-open span of group ``index``'s slice of each weight matrix of ``part``,
+        along the matrix's :data:`SLICE_AXIS`, in :func:`tensor_names` order."""
+        if part == ATTN:
+            q, kv = self.q_rows(index), self.kv_rows(index)
+            return {"wq": q, "wk": kv, "wv": kv, "wo": q}
+        rows = self.mlp_rows(index)
+        return {"w1": rows, "w3": rows, "w2": rows}
 
     def tensor_shapes(self, part: int) -> dict[str, tuple[int, int]]:
         """Name -> ``(rows, cols)`` of each weight matrix of one group of ``part``, in

@@ -99,19 +99,17 @@ def parse_bytes(value: object) -> int:
     """Parse a size: an integer number of bytes, or a string such as ``"3GiB"``, ``"512 MiB"``, ``"2GB"``.
 
     Raises:
-        ValueError: not a positive size.
+        ConfigError: not a positive size (a float, a bool, an unknown unit, zero or less).
     """
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(value)
+    elif m and m.group(2).lower() in _UNITS:
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     else:
-        raise ValueError(value)
+        n = 0
     if n < 1:
-        raise ValueError(value)
+        raise ConfigError(f"{value!r} is not a size", "use a positive whole number of bytes or e.g. 512MiB, 3GiB, 2GB")
     return n
 
 
@@ -120,7 +118,8 @@ def _real(v: object) -> bool:
 
 
 def _check(key: str, value: object) -> Any:
-    """Validate one profile value; return it converted, or raise ``ValueError``."""
+    """Validate one profile value; return it converted, or raise ``ValueError`` (or ``ConfigError``
+    from :func:`parse_bytes`), which :func:`_fields` turns into a ``ConfigError`` naming the key."""
     if key == "name":
         if not isinstance(value, str) or not _NAME_RE.match(value):
             raise ValueError
@@ -166,7 +165,7 @@ def _fields(table: dict[str, Any], where: str, *, extra: tuple[str, ...] = ()) -
                               f"use one of {', '.join(PROFILE_KEYS)} (see peers/README.md)")
         try:
             out[key] = _check(key, value)
-        except ValueError:
+        except (ValueError, ConfigError):
             raise ConfigError(f"{where}: bad value {key} = {value!r}", f"use {PROFILE_KEYS[key]}") from None
     return out
 

@@ -9,8 +9,9 @@ import pytest
 
 from halo_p2p.errors import AuthError, ConfigError, TransportError
 from halo_p2p.net.connector import Connector, MemoryConnector, WebRtcConnector
+from halo_p2p.net.hub import MemoryHub
 from halo_p2p.net.link import Channel, Link, LinkConditions
-from halo_p2p.net.memory import MemoryHub, memory_link_pair
+from halo_p2p.net.memory import memory_link_pair
 
 KEY = bytes(range(32))
 

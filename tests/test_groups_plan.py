@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
 from halo_p2p.errors import ConfigError, PlanError
-from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout, default_mlp_group_size, tensor_names
+from halo_p2p.groups import ATTN, MLP, SLICE_AXIS, GroupId, GroupLayout, default_mlp_group_size, tensor_names
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.plan import PLAN_BODY_VERSION, PlacementPlan, PlanBody, proportional_counts
 
@@ -88,6 +89,20 @@ def test_tensor_shapes_are_the_groups_slices_and_their_parameters() -> None:
         shapes = layout.tensor_shapes(part)
         assert tuple(shapes) == tensor_names(part)
         assert sum(r * c for r, c in shapes.values()) == layout.group_params(part)
+
+
+def test_tensor_spans_tile_each_matrix_with_slices_of_the_groups_shapes() -> None:
+    layout = GroupLayout.from_config(SMOLLM2)
+    full = {"wq": 576, "wk": 192, "wv": 192, "wo": 576, "w1": 1536, "w3": 1536, "w2": 1536}   # along SLICE_AXIS
+    assert SLICE_AXIS["wo"] == SLICE_AXIS["w2"] == 1 and SLICE_AXIS["wq"] == SLICE_AXIS["w1"] == 0
+    for part in (ATTN, MLP):
+        shapes = layout.tensor_shapes(part)
+        spans = [layout.tensor_spans(part, i) for i in range(layout.n_groups(part))]
+        assert all(tuple(s) == tensor_names(part) for s in spans)
+        for name in tensor_names(part):
+            assert all(s[name][1] - s[name][0] == shapes[name][SLICE_AXIS[name]] for s in spans)
+            assert spans[0][name][0] == 0 and spans[-1][name][1] == full[name]
+            assert all(a[name][1] == b[name][0] for a, b in itertools.pairwise(spans))
 
 
 def test_plan_body_round_trips_and_names_the_bad_field() -> None:

@@ -15,7 +15,8 @@ from halo_p2p.discovery import MemoryDiscovery, MemoryNetwork
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.errors import HaloError
 from halo_p2p.net.connector import MemoryConnector
-from halo_p2p.net.memory import MemoryHub, MemoryLink
+from halo_p2p.net.hub import MemoryHub
+from halo_p2p.net.memory import MemoryLink
 from halo_p2p.node.library import ModelLibrary
 from halo_p2p.node.peer import NodeConfig, PeerNode
 from halo_p2p.node.swarm import open_swarm_engine

@@ -90,8 +90,8 @@ def test_parse_bytes() -> None:
     assert parse_bytes(1024) == 1024
     assert parse_bytes("3GiB") == 3 << 30
     assert parse_bytes("1.5 GB") == 1_500_000_000
-    for bad in (0, -1, "x", "3 parsecs", True, 1.5):
-        with pytest.raises(ValueError):
+    for bad in (0, -1, "x", "3 parsecs", "0.1", True, 1.5):
+        with pytest.raises(ConfigError, match=r"is not a size \(use a positive whole number of bytes"):
             parse_bytes(bad)
 
 
@@ -156,3 +156,10 @@ def test_bad_swarm(tmp_path: Path, text: str, needles: list[str]) -> None:
     assert str(p) in msg
     for needle in needles:
         assert needle in msg, msg
+
+
+def test_a_compute_slowdown_below_one_is_a_config_error() -> None:
+    from halo_p2p.engine.compute import ComputeThread
+
+    with pytest.raises(ConfigError, match=r"compute slowdown 0.5 is below 1 \(emulate a device"):
+        ComputeThread(slowdown=0.5)

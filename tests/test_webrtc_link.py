@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from halo_p2p.errors import ConfigError, LinkClosed, TransportError
-from halo_p2p.net import sctp_tuning, webrtc
+from halo_p2p.net import ice, sctp_tuning
 from halo_p2p.net.link import Channel, Link, recv_timeout
 from halo_p2p.net.lossy import HeartbeatLoss, LossyLink
 from halo_p2p.net.signaling import connect
@@ -86,9 +86,9 @@ async def test_loss_does_not_shrink_the_congestion_window_below_the_floor(
     a, b = pair
     for link in (a, b):
         sctp = link._pc.sctp
-        assert sctp._cwnd >= webrtc.CWND_FLOOR_BYTES
+        assert sctp._cwnd >= sctp_tuning.CWND_FLOOR_BYTES
         sctp._t3_expired()                  # what a lost tail packet triggers after the RTO
-        assert sctp._cwnd >= webrtc.CWND_FLOOR_BYTES and sctp._ssthresh >= webrtc.CWND_FLOOR_BYTES
+        assert sctp._cwnd >= sctp_tuning.CWND_FLOOR_BYTES and sctp._ssthresh >= sctp_tuning.CWND_FLOOR_BYTES
     frames = [bytes([i]) * 1160 for i in range(40)]
     for frame in frames:                    # and the association still carries data
         await a.send(Channel.UNRELIABLE, frame)
@@ -348,7 +348,7 @@ async def test_unreliable_sends_never_block_and_drop_over_the_backlog_cap() -> N
 async def test_handshakes_refuse_to_start_unpinned_and_bad_sdp(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TransportError, match="unusable SDP offer"):
         await Handshake.answer("this is not SDP")
-    monkeypatch.setattr(webrtc, "_pinned", None)
+    monkeypatch.setattr(ice, "_pinned", None)
     with pytest.raises(ConfigError, match="not pinned"):
         await Handshake.offer()
     with pytest.raises(ConfigError, match="not an IP address"):

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from halo_p2p.errors import ConfigError
+
 __all__ = ["HANDOFF_S", "ComputeThread"]
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,15 @@ class ComputeThread:
         name: thread name prefix (for logs and profilers).
         slowdown: emulated compute slowdown factor (>= 1): after each call the caller also waits
             ``(slowdown - 1) * elapsed`` seconds, asynchronously, as a slower device would.
+
+    Raises:
+        ConfigError: ``slowdown`` below 1.
     """
 
     def __init__(self, name: str = "halo-torch", *, slowdown: float = 1.0) -> None:
         if slowdown < 1:
-            raise ValueError(f"slowdown {slowdown} must be >= 1")
+            raise ConfigError(f"compute slowdown {slowdown} is below 1",
+                              "emulate a device as fast as this machine (1) or slower (e.g. 4)")
         self.slowdown = slowdown
         self.busy_s = 0.0                       # total seconds spent computing (excluding slowdown)
         self.inline_calls = 0                   # calls run on the caller's thread (short ones, see run)

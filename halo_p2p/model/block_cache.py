@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from halo_p2p.errors import ConfigError
-from halo_p2p.groups import ATTN, GroupId, GroupLayout
-from halo_p2p.model.registry import cache_dir
+from halo_p2p.groups import SLICE_AXIS, GroupId, GroupLayout, tensor_names
+from halo_p2p.paths import user_cache_dir
 
 if TYPE_CHECKING:
     from halo_p2p.model.shard import GroupWeights
@@ -51,7 +51,7 @@ FORMAT = 1                              # bump when the file layout changes (par
 
 def default_cache_root() -> Path:
     """``$XDG_CACHE_HOME/halo-p2p`` (blocks go to its ``blocks/`` folder; not created here)."""
-    return cache_dir().parent
+    return user_cache_dir()
 
 
 def _runs(idx: list[int]) -> list[tuple[int, int]]:
@@ -92,23 +92,18 @@ def flat_block(weights: GroupWeights | TensorSource, layout: GroupLayout, layer:
     Raises:
         ModelFormatError: reading the weights failed (from the source).
     """
-    names = ("wq", "wk", "wv", "wo") if part == ATTN else ("w1", "w3", "w2")
+    names = tensor_names(part)
     if hasattr(weights, "group"):
         with lock or nullcontext():
             parts = [weights.group(GroupId(layer, part, i)) for i in idx]
-        w = {n: np.concatenate([g[n] for g in parts], axis=1 if n in ("wo", "w2") else 0) for n in names}
+        w = {n: np.concatenate([g[n] for g in parts], axis=SLICE_AXIS[n]) for n in names}
     else:
         src: TensorSource = weights
-        p, runs, lay = f"layers.{layer}.", _runs(idx), layout
-        if part == ATTN:
-            q = [(lay.q_rows(a)[0], lay.q_rows(b - 1)[1]) for a, b in runs]
-            kv = [(lay.kv_rows(a)[0], lay.kv_rows(b - 1)[1]) for a, b in runs]
-            w = {"wq": _load_rows(src, p + "wq", q), "wk": _load_rows(src, p + "wk", kv),
-                 "wv": _load_rows(src, p + "wv", kv), "wo": _load_cols(src, p + "wo", q)}
-        else:
-            rows = [(lay.mlp_rows(a)[0], lay.mlp_rows(b - 1)[1]) for a, b in runs]
-            w = {"w1": _load_rows(src, p + "w1", rows), "w3": _load_rows(src, p + "w3", rows),
-                 "w2": _load_cols(src, p + "w2", rows)}
+        p, runs = f"layers.{layer}.", _runs(idx)
+        w = {}
+        for n in names:           # a run of groups is one span of each matrix
+            spans = [(layout.tensor_spans(part, a)[n][0], layout.tensor_spans(part, b - 1)[n][1]) for a, b in runs]
+            w[n] = _load_rows(src, p + n, spans) if SLICE_AXIS[n] == 0 else _load_cols(src, p + n, spans)
     return np.concatenate([w[n].astype(np.float32, copy=False).ravel() for n in names])
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from halo_p2p.groups import ATTN, MLP, GroupId, GroupLayout
+from halo_p2p.groups import ATTN, MLP, MLP_TENSORS, SLICE_AXIS, GroupId, GroupLayout, tensor_names
 from halo_p2p.model.config import ModelConfig
 from halo_p2p.model.llama import AttentionShard, KVCache, MlpShard, RopeTables, rms_norm
 from halo_p2p.model.source import TensorSource
@@ -25,10 +25,6 @@ __all__ = ["TAKEOVER_BUDGET_BYTES", "GroupShard", "GroupWeights", "MlpTakeover",
            "mlp_group_scores"]
 
 log = logging.getLogger(__name__)
-
-
-ATTN_TENSORS = ("wq", "wk", "wv", "wo")
-MLP_TENSORS = ("w1", "w3", "w2")
 
 
 class GroupWeights(Protocol):
@@ -63,14 +59,9 @@ class SliceWeights:
         return np.ascontiguousarray(self._cols[1][:, a:b])
 
     def group(self, gid: GroupId) -> dict[str, np.ndarray]:
-        p, lay, src = f"layers.{gid.layer}.", self.layout, self.source
-        if gid.part == ATTN:
-            q, kv = lay.q_rows(gid.index), lay.kv_rows(gid.index)
-            return {"wq": src.load(p + "wq", rows=q), "wk": src.load(p + "wk", rows=kv),
-                    "wv": src.load(p + "wv", rows=kv), "wo": self._columns(p + "wo", *q)}
-        rows = lay.mlp_rows(gid.index)
-        return {"w1": src.load(p + "w1", rows=rows), "w3": src.load(p + "w3", rows=rows),
-                "w2": self._columns(p + "w2", *rows)}
+        p = f"layers.{gid.layer}."
+        return {name: self.source.load(p + name, rows=span) if SLICE_AXIS[name] == 0 else self._columns(p + name, *span)
+                for name, span in self.layout.tensor_spans(gid.part, gid.index).items()}
 
 
 class GroupShard:
@@ -102,16 +93,15 @@ class GroupShard:
         for (layer, part), idx in self.index.items():
             parts = [weights.group(GroupId(layer, part, i)) for i in idx]
 
-            def cat(name: str, axis: int = 0, parts: list[dict[str, np.ndarray]] = parts) -> torch.Tensor:
-                return torch.from_numpy(np.ascontiguousarray(np.concatenate([w[name] for w in parts], axis=axis)))
-
-            if part == ATTN:
-                self.attention[layer] = AttentionShard(cat("wq"), cat("wk"), cat("wv"), cat("wo", 1),
-                                                       layout.q_per_kv, layout.head_dim)
+            w = {name: torch.from_numpy(np.ascontiguousarray(np.concatenate([g[name] for g in parts],
+                                                                               axis=SLICE_AXIS[name])))
+                 for name in tensor_names(part)}
+            if part == ATTN:     # the shards' parameters are named as the tensors: wq, wk, wv, wo; w1, w3, w2
+                self.attention[layer] = AttentionShard(**w, q_per_kv=layout.q_per_kv, head_dim=layout.head_dim)
                 self.caches[layer] = KVCache(len(idx), max_seq_len, layout.head_dim, torch.float32)
                 self.written[layer] = 0
             else:
-                self.mlp[layer] = MlpShard(cat("w1"), cat("w3"), cat("w2", 1), layout.mlp_group_size)
+                self.mlp[layer] = MlpShard(**w, group_size=layout.mlp_group_size)
         self.rope = RopeTables.build(c.head_dim, max_seq_len, c.rope_base, torch.float32)
 
     def groups_at(self, layer: int, part: int) -> list[int]:
@@ -254,9 +244,9 @@ def mlp_group_scores(source: TensorSource, layout: GroupLayout) -> np.ndarray:
     for layer in range(layout.n_layers):
         p = f"layers.{layer}."
         norms = []
-        for name, axis in (("w1", 1), ("w3", 1), ("w2", 0)):
+        for name in MLP_TENSORS:
             w = source.load(p + name).astype(np.float64)
-            sq = (w * w).sum(axis=axis)                      # per intermediate neuron
+            sq = (w * w).sum(axis=1 - SLICE_AXIS[name])      # per intermediate neuron
             norms.append(np.sqrt(sq.reshape(layout.n_mlp, g).sum(axis=1)))
         scores[layer] = norms[0] * norms[1] * norms[2]
     return scores

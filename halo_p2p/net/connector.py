@@ -7,7 +7,7 @@ with the remote peer id, once authenticated) and dials the peers it wants to use
 * :class:`WebRtcConnector`: signed SDP offers over TCP (:mod:`halo_p2p.net.signaling`), then a
   WebRTC link (:class:`~halo_p2p.net.webrtc.WebRtcLink`); the real swarm.
 * :class:`MemoryConnector`: in-memory links with seeded loss, delay and jitter from a
-  :class:`~halo_p2p.net.memory.MemoryHub`; the emulated swarm and tests.
+  :class:`~halo_p2p.net.hub.MemoryHub`; the emulated swarm and tests.
 
 ``aiortc`` is imported only when a :class:`WebRtcConnector` starts listening or dials, so the
 protocol and the in-memory connector cost no WebRTC import.
@@ -20,9 +20,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from halo_p2p.net.hub import MemoryHub
 from halo_p2p.net.link import Link, LinkConditions
 from halo_p2p.net.lossy import LossyLink
-from halo_p2p.net.memory import MemoryHub
 
 if TYPE_CHECKING:
     from halo_p2p.net.signaling import SignalingServer
@@ -166,7 +166,7 @@ class WebRtcConnector:
 
 
 class MemoryConnector:
-    """:class:`Connector` over a :class:`~halo_p2p.net.memory.MemoryHub` (joins it on creation).
+    """:class:`Connector` over a :class:`~halo_p2p.net.hub.MemoryHub` (joins it on creation).
 
     Args:
         hub: the in-memory network.

@@ -1,4 +1,5 @@
-"""Per-link patches of aiortc's SCTP and DTLS that cut the CPU per data-channel frame.
+"""Per-link patches of aiortc's SCTP and DTLS that cut the CPU per data-channel frame, and the
+congestion-window floor (:func:`floor_congestion_window`).
 
 Imported only by :mod:`halo_p2p.net.webrtc`. Every patch replaces attributes of one transport
 *instance* (never a class), is best effort (a missing private attribute leaves that transport
@@ -40,7 +41,8 @@ from aiortc.rtcsctptransport import (
     serialize_packet,
 )
 
-__all__ = ["SACK_DELAY_S", "coalesce_flushes", "delay_sacks", "receive_inline", "reduce_frame_cost"]
+__all__ = ["CWND_FLOOR_BYTES", "SACK_DELAY_S", "coalesce_flushes", "delay_sacks", "floor_congestion_window",
+           "receive_inline", "reduce_frame_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ SACK_DELAY_S: Final = 0.02
 20 ms covers a worker's compute before its answer (which then carries the SACK) and keeps the
 delay out of the sender's retransmission timeout (at least 1 s, RFC 9260 §6.3.1). Delivery does
 not wait for SACKs: only the sender's bookkeeping does."""
+
+CWND_FLOOR_BYTES: Final = 128 << 10
+"""Smallest SCTP congestion window of a link (bytes): :func:`floor_congestion_window`."""
 
 _DATA, _SACK, _FORWARD_TSN = 0, 3, 192     # chunk types: RFC 9260 §3.2, RFC 3758 §3.2
 _MAX_PACKET_BYTES: Final = 1189            # aiortc 1.16 SCTP_MAX_PACKET_LENGTH (IPv6 minimum MTU)
@@ -60,6 +65,45 @@ def reduce_frame_cost(pc: Any) -> None:
         delay_sacks(pc.sctp)
         coalesce_flushes(pc.sctp)
         receive_inline(pc.sctp)
+
+
+def floor_congestion_window(pc: Any, floor_bytes: int = CWND_FLOOR_BYTES) -> None:
+    """Keep ``pc``'s SCTP congestion window at least ``floor_bytes`` (best effort).
+
+    aiortc's SCTP (RFC 9260 §7.2) halves the window per loss and drops it to one packet per T3
+    timeout (RTO at least 1 s), the unreliable channel included: at 5 % random loss the window
+    sticks at 4-11 KB and paced activations queue for hundreds of milliseconds
+    (``network-facts.md`` §3, "patched" rows: a 128 KB floor keeps 1 KB messages at the wire
+    delay). On a LAN whose loss is radio noise, not congestion, halving is the wrong answer;
+    halo-p2p paces its own sends (at most 16 unreliable frames between drains, a capped
+    backlog), so the floor cannot turn into a saturating sender. The RTO is left stock: a lost
+    *reliable* chunk still waits for fast retransmit or the 1 s timer (strict sync's cost).
+    """
+    sctp = pc.sctp
+    if sctp is None:
+        log.debug("no SCTP transport to tune")
+        return
+    try:   # private, checked on aiortc 1.16: RTCSctpTransport._cwnd/_ssthresh, SACK and T3 handlers
+        on_sack, on_t3 = sctp._receive_sack_chunk, sctp._t3_expired
+        sctp._cwnd = max(sctp._cwnd, floor_bytes)
+    except AttributeError as exc:
+        log.debug("cannot reach the SCTP congestion window (%s)", exc)
+        return
+
+    def floor() -> None:
+        sctp._cwnd = max(sctp._cwnd, floor_bytes)
+        sctp._ssthresh = max(sctp._ssthresh, floor_bytes)
+
+    async def receive_sack(chunk: Any) -> None:
+        await on_sack(chunk)
+        floor()
+
+    def t3_expired() -> None:
+        on_t3()
+        floor()
+
+    sctp._receive_sack_chunk = receive_sack   # patching aiortc internals (one instance)
+    sctp._t3_expired = t3_expired
 
 
 def _drive(coro: Coroutine[Any, Any, Any]) -> bool:

@@ -1,26 +1,25 @@
 """The WebRTC link: a :class:`~halo_p2p.net.link.Link` over two aiortc data channels.
 
-The only module that imports :mod:`aiortc` and :mod:`aioice`, with its helper
-:mod:`~halo_p2p.net.sctp_tuning` (imported only here). One ``RTCPeerConnection`` per link
-carries two negotiated data channels (RFC 8831; no DCEP round trip, RFC 8832 §6 — both ends
-create them with fixed stream ids):
+With its helpers :mod:`~halo_p2p.net.ice` (host candidates, UDP sockets) and
+:mod:`~halo_p2p.net.sctp_tuning` (SCTP patches), imported only here, the only module that
+imports :mod:`aiortc` and :mod:`aioice`. One ``RTCPeerConnection`` per link carries two
+negotiated data channels (RFC 8831; no DCEP round trip, RFC 8832 §6 — both ends create them
+with fixed stream ids):
 
 * ``halo-ctl`` (id 0): reliable, ordered — :attr:`Channel.RELIABLE`;
 * ``halo-act`` (id 1): ``ordered=False, maxRetransmits=0`` — :attr:`Channel.UNRELIABLE`.
 
 Rules measured on aiortc 1.16 / aioice 0.13 (``network-facts.md`` §2, §5):
 
-* ``RTCConfiguration(iceServers=[])`` always: the default contacts Google's STUN server.
-* aioice skips 127.0.0.1 when gathering host candidates; :func:`pin_host_addresses` replaces
-  ``aioice.ice.get_host_addresses`` **process-wide** with a fixed list, and a handshake refuses
-  to start before it was called, so no candidate leaks an unintended interface.
-* Each ICE UDP socket's receive buffer is raised to 8 MiB (``SO_RCVBUFFORCE`` as root, else
-  ``SO_RCVBUF``, capped by ``net.core.rmem_max``); the default 212 KB drops bursts on loopback.
+* No STUN server, host candidates only on the addresses given to :func:`pin_host_addresses`
+  (process-wide; a handshake refuses to start before it was called), ICE sockets with 8 MiB
+  receive buffers: :mod:`halo_p2p.net.ice`.
 * "Unreliable" is still congestion-controlled and ``bufferedAmount`` is unbounded, so
   unreliable sends are dropped (and counted) while the channel's backlog exceeds a cap: a stale
   activation is worse than a lost one. Reliable sends wait for the backlog to drain. aiortc
   queues the messages of both channels in one FIFO, so a large reliable backlog also delays the
-  unreliable frames (and heartbeats) sent after it.
+  unreliable frames (and heartbeats) sent after it. The SCTP congestion window is floored at
+  128 KiB (:func:`~halo_p2p.net.sctp_tuning.floor_congestion_window`).
 * Every datagram costs tens of µs of Python CPU at each end, and stock aiortc sends a SACK packet
   for every DATA packet. :mod:`halo_p2p.net.sctp_tuning` patches each link: SACKs of
   single-packet messages delayed (every second packet, else at most 20 ms) and bundled into the
@@ -29,157 +28,47 @@ Rules measured on aiortc 1.16 / aioice 0.13 (``network-facts.md`` §2, §5):
   4, for ~25 % less CPU per exchange at each end (``benchmarks/frame_cost.py``).
 
 Heartbeats (``Heartbeat``/``HeartbeatAck`` frames on the unreliable channel, consumed here)
-measure the RTT (smoothed as in RFC 6298, α = 1/8), its jitter (RFC 3550 §6.4.1: the mean
-|difference| of consecutive RTTs, gain 1/16) and the loss rate (heartbeats among the last 50
-not acknowledged within 2 s; unknown, ``None``, until one is lost or 20 were acknowledged, and
-heartbeats go 5 times as often until then, so a new link knows within ~2 s whether it needs FEC); a
-link that hears nothing for ``dead_after_s`` closes itself. Loss emulation on loopback is a
-wrapper, :class:`~halo_p2p.net.lossy.LossyLink`; it loses this link's heartbeats through
-:meth:`WebRtcLink.set_heartbeat_loss`, so the loss estimate sees the emulated loss.
+measure the RTT, its jitter and the loss rate (:class:`~halo_p2p.net.heartbeat.HeartbeatEstimator`;
+heartbeats go 5 times as often until the loss rate is known, so a new link knows within ~2 s
+whether it needs FEC); a link that hears nothing for ``dead_after_s`` closes itself. Loss
+emulation on loopback is a wrapper, :class:`~halo_p2p.net.lossy.LossyLink`; it loses this link's
+heartbeats through :meth:`WebRtcLink.set_heartbeat_loss`, so the loss estimate sees the emulated
+loss.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import os
-import socket
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-import aioice.ice
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InvalidStateError
 
 from halo_p2p.errors import ConfigError, LinkClosed, TransportError, WireError
+from halo_p2p.net.heartbeat import HeartbeatEstimator
+from halo_p2p.net.ice import new_peer_connection, pin_host_addresses, raise_receive_buffers
 from halo_p2p.net.link import MAX_MESSAGE_BYTES, SCTP_FRAGMENT_BYTES, Channel, LinkStats
+from halo_p2p.net.sctp_tuning import CWND_FLOOR_BYTES, floor_congestion_window
 from halo_p2p.net.sctp_tuning import reduce_frame_cost as _reduce_frame_cost
 from halo_p2p.wire.codec import decode, encode
 from halo_p2p.wire.messages import Heartbeat, HeartbeatAck
 
-__all__ = ["ACT_LABEL", "CTL_LABEL", "Handshake", "WebRtcLink", "pin_host_addresses"]
+__all__ = ["ACT_LABEL", "CTL_LABEL", "CWND_FLOOR_BYTES", "Handshake", "WebRtcLink", "pin_host_addresses"]
 
 log = logging.getLogger(__name__)
 
 CTL_LABEL: Final = "halo-ctl"
 ACT_LABEL: Final = "halo-act"
-_RCVBUF_BYTES: Final = 8 << 20
-CWND_FLOOR_BYTES: Final = 128 << 10
-"""Smallest SCTP congestion window of a link (bytes): :func:`_floor_congestion_window`."""
-_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; not exported by Python
-_HB_WINDOW: Final = 50          # heartbeats the loss estimate looks at
-_HB_ACK_DEADLINE_S: Final = 2.0  # a heartbeat not acknowledged within this counts as lost
-_HB_MIN_CLEAN: Final = 20       # acknowledged heartbeats before a link may be called loss-free
-_HB_PROBE_SPEEDUP: Final = 5    # heartbeats this much more often until the loss estimate has that many samples
 _HB_PREFIXES: Final = (encode(Heartbeat(seq=0, sent_s=0.0))[:3], encode(HeartbeatAck(seq=0, sent_s=0.0))[:3])
 _CLOSED: Final = object()
-
-_pinned: tuple[str, ...] | None = None
-
-
-def pin_host_addresses(addresses: Iterable[str]) -> None:
-    """Make ICE gather host candidates on exactly ``addresses`` (process-wide).
-
-    Replaces ``aioice.ice.get_host_addresses`` for the whole process (every peer connection
-    created afterwards). Call it before the first handshake: with ``["127.0.0.1"]`` on
-    loopback, or the address of the LAN interface (or network namespace) to use.
-
-    Args:
-        addresses: IPv4/IPv6 literals, at least one.
-
-    Raises:
-        ConfigError: empty, or an item is not an IP address.
-    """
-    global _pinned
-    pinned = tuple(addresses)
-    if not pinned:
-        raise ConfigError("no host address to pin", "pass at least one address, e.g. ['127.0.0.1']")
-    for address in pinned:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ConfigError(f"host address {address!r} is not an IP address",
-                              "pass IPv4/IPv6 literals such as '192.168.1.20'") from None
-    _pinned = pinned
-    aioice.ice.get_host_addresses = _pinned_host_addresses
-    log.debug("ICE host candidates pinned to %s", ", ".join(pinned))
-
-
-def _pinned_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-    return [a for a in _pinned or () if (use_ipv4, use_ipv6)[ipaddress.ip_address(a).version == 6]]
-
-
-def _raise_receive_buffers(pc: RTCPeerConnection) -> None:
-    """Best effort: raise the receive buffer of every ICE UDP socket of ``pc`` to 8 MiB."""
-    try:  # private path, checked on aioice 0.13: RTCDtlsTransport -> RTCIceTransport -> Connection
-        protocols = list(pc.sctp.transport.transport._connection._protocols)  # type: ignore[union-attr]
-    except AttributeError as exc:
-        log.debug("cannot reach the ICE sockets to raise their receive buffers (%s)", exc)
-        return
-    option = _SO_RCVBUFFORCE if os.geteuid() == 0 else socket.SO_RCVBUF
-    for protocol in protocols:
-        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
-        if sock is None:
-            continue
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, _RCVBUF_BYTES)
-        except OSError as exc:
-            log.debug("cannot raise UDP receive buffer: %s", exc)
-
-
-def _floor_congestion_window(pc: RTCPeerConnection, floor_bytes: int = CWND_FLOOR_BYTES) -> None:
-    """Keep ``pc``'s SCTP congestion window at least ``floor_bytes`` (best effort).
-
-    aiortc's SCTP (RFC 9260 §7.2) halves the window per loss and drops it to one packet per T3
-    timeout (RTO at least 1 s), the unreliable channel included: at 5 % random loss the window
-    sticks at 4-11 KB and paced activations queue for hundreds of milliseconds
-    (``network-facts.md`` §3, "patched" rows: a 128 KB floor keeps 1 KB messages at the wire
-    delay). On a LAN whose loss is radio noise, not congestion, halving is the wrong answer;
-    halo-p2p paces its own sends (at most 16 unreliable frames between drains, a capped
-    backlog), so the floor cannot turn into a saturating sender. The RTO is left stock: a lost
-    *reliable* chunk still waits for fast retransmit or the 1 s timer (strict sync's cost).
-    """
-    sctp = pc.sctp
-    if sctp is None:
-        log.debug("no SCTP transport to tune")
-        return
-    try:   # private, checked on aiortc 1.16: RTCSctpTransport._cwnd/_ssthresh, SACK and T3 handlers
-        on_sack, on_t3 = sctp._receive_sack_chunk, sctp._t3_expired
-        sctp._cwnd = max(sctp._cwnd, floor_bytes)
-    except AttributeError as exc:
-        log.debug("cannot reach the SCTP congestion window (%s)", exc)
-        return
-
-    def floor() -> None:
-        sctp._cwnd = max(sctp._cwnd, floor_bytes)
-        sctp._ssthresh = max(sctp._ssthresh, floor_bytes)
-
-    async def receive_sack(chunk: Any) -> None:
-        await on_sack(chunk)
-        floor()
-
-    def t3_expired() -> None:
-        on_t3()
-        floor()
-
-    sctp._receive_sack_chunk = receive_sack  # type: ignore[method-assign]  # patching aiortc internals
-    sctp._t3_expired = t3_expired  # type: ignore[method-assign]
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.debug("closing a peer connection failed: %r", task.exception())
-
-
-def _new_peer_connection() -> RTCPeerConnection:
-    if _pinned is None:
-        raise ConfigError("ICE host addresses are not pinned (aioice would use every interface)",
-                          "call halo_p2p.net.webrtc.pin_host_addresses([...]) with the address to use")
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))  # never the default Google STUN server
 
 
 class Handshake:
@@ -225,7 +114,7 @@ class Handshake:
 
     @classmethod
     async def _create(cls, offer_sdp: str | None) -> Handshake:
-        pc = _new_peer_connection()
+        pc = new_peer_connection()
         try:
             if offer_sdp is not None:
                 await _set_remote(pc, offer_sdp, "offer")
@@ -234,8 +123,8 @@ class Handshake:
         except BaseException:
             await pc.close()
             raise
-        _raise_receive_buffers(pc)
-        _floor_congestion_window(pc)
+        raise_receive_buffers(pc)
+        floor_congestion_window(pc)
         _reduce_frame_cost(pc)
         return hs
 
@@ -356,10 +245,7 @@ class WebRtcLink:
         self._drained = asyncio.Event()
         self._drained.set()
         self._last_heard_s = time.monotonic()
-        self._hb_seq = 0
-        self._last_rtt_ms = 0.0
-        self._hb_window: deque[list[Any]] = deque()   # [seq, sent_s, state]; state: 0 waiting, 1 acked, 2 late
-        self._hb_waiting: dict[int, list[Any]] = {}
+        self._heartbeats = HeartbeatEstimator(self._stats)
         ctl.bufferedAmountLowThreshold = reliable_low_water_bytes
         ctl.on("message", lambda d: self._on_message(Channel.RELIABLE, d))
         act.on("message", lambda d: self._on_message(Channel.UNRELIABLE, d))
@@ -568,7 +454,7 @@ class WebRtcLink:
             if isinstance(msg, Heartbeat):
                 self._send_internal(encode(HeartbeatAck(seq=msg.seq, sent_s=msg.sent_s)))
             else:
-                self._on_ack(msg)
+                self._heartbeats.acked(msg.seq, msg.sent_s, time.monotonic())
             return
         self._last_heard_s = time.monotonic()
         if channel is Channel.UNRELIABLE and self._inbox.qsize() >= self._max_inbox:
@@ -592,38 +478,6 @@ class WebRtcLink:
             return False
         return True
 
-    def _on_ack(self, ack: HeartbeatAck) -> None:
-        record = self._hb_waiting.pop(ack.seq, None)
-        if record is None or record[1] != ack.sent_s:
-            return
-        rtt_s = time.monotonic() - record[1]
-        if rtt_s > _HB_ACK_DEADLINE_S:
-            record[2] = 2
-            return
-        record[2] = 1
-        rtt_ms, st = rtt_s * 1e3, self._stats
-        if st.rtt_ms is None:
-            st.rtt_ms = rtt_ms  # RFC 6298 §2.2: first sample
-        else:
-            d_ms = abs(rtt_ms - self._last_rtt_ms)  # RFC 3550 §6.4.1, with RTTs instead of transit times
-            st.jitter_ms = d_ms if st.jitter_ms is None else st.jitter_ms + (d_ms - st.jitter_ms) / 16
-            st.rtt_ms += (rtt_ms - st.rtt_ms) / 8   # RFC 6298 §2.3, alpha = 1/8
-        self._last_rtt_ms = rtt_ms
-        self._update_plr(time.monotonic())
-
-    def _update_plr(self, now_s: float) -> None:
-        decided = lost = 0
-        for _, sent_s, state in self._hb_window:
-            if state == 1:
-                decided += 1
-            elif state == 2 or now_s - sent_s > _HB_ACK_DEADLINE_S:
-                decided += 1
-                lost += 1
-        # "no loss" needs evidence: one acknowledged heartbeat says little, and a link called clean
-        # sends no FEC parity (at 5 % loss per direction 20 round trips all pass 12 % of the time)
-        if lost or decided >= _HB_MIN_CLEAN:
-            self._stats.measured_plr = lost / decided
-
     async def _heartbeat_loop(self) -> None:
         """Send a heartbeat every interval; declare the peer dead after ``dead_after_s`` of silence."""
         wake_s = time.monotonic()
@@ -638,15 +492,10 @@ class WebRtcLink:
                             self._remote_id, silent_s)
                 self._shutdown(f"peer silent for {silent_s:.1f} s")
                 return
-            seq = self._hb_seq = (self._hb_seq + 1) % 2**32
+            seq = self._heartbeats.next_seq()
             if self._send_internal(encode(Heartbeat(seq=seq, sent_s=now))):
-                if len(self._hb_window) >= _HB_WINDOW:
-                    old = self._hb_window.popleft()
-                    self._hb_waiting.pop(old[0], None)
-                record = [seq, now, 0]
-                self._hb_window.append(record)
-                self._hb_waiting[seq] = record
-            self._update_plr(now)
-            interval = self._hb_interval_s / (_HB_PROBE_SPEEDUP if self._stats.measured_plr is None else 1)
+                self._heartbeats.sent(seq, now)
+            self._heartbeats.update_plr(now)
+            interval = self._heartbeats.interval_s(self._hb_interval_s)
             wake_s = now + interval
             await asyncio.sleep(interval)

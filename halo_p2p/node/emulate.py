@@ -24,7 +24,7 @@ from halo_p2p.groups import GroupLayout
 from halo_p2p.model.shard import TAKEOVER_BUDGET_BYTES, GroupShard
 from halo_p2p.model.source import TensorSource
 from halo_p2p.net.connector import MemoryConnector
-from halo_p2p.net.memory import MemoryHub
+from halo_p2p.net.hub import MemoryHub
 from halo_p2p.node.peer import NodeConfig, PeerNode
 from halo_p2p.node.swarm import open_split_engine
 from halo_p2p.plan import PlanBody

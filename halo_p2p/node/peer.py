@@ -28,6 +28,7 @@ from halo_p2p.errors import ConfigError
 from halo_p2p.groups import GroupLayout
 from halo_p2p.net.connector import Connector, WebRtcConnector
 from halo_p2p.net.link import Link
+from halo_p2p.paths import user_config_dir
 from halo_p2p.plan import PlanBody
 from halo_p2p.session.worker import ShardFactory, Worker
 
@@ -49,10 +50,9 @@ _PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "19
 
 
 def config_dir() -> Path:
-    """``$XDG_CONFIG_HOME/halo-p2p`` (default ``~/.config/halo-p2p``): swarm key and peer id."""
-    base = os.environ.get("XDG_CONFIG_HOME")
-    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".config"
-    return root / "halo-p2p"
+    """``$XDG_CONFIG_HOME/halo-p2p`` (default ``~/.config/halo-p2p``): swarm key and peer id
+    (:func:`halo_p2p.paths.user_config_dir`)."""
+    return user_config_dir()
 
 
 def load_peer_id(path: Path | None = None) -> str:

@@ -15,18 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from halo_p2p.errors import ModelFormatError
-from halo_p2p.groups import ATTN, GroupId
+from halo_p2p.groups import GroupId, tensor_names
 from halo_p2p.model.config import ModelConfig
-from halo_p2p.model.registry import cache_dir
+from halo_p2p.paths import user_cache_dir
 
-__all__ = ["DiskGroupCache", "group_tensor_names"]
+__all__ = ["DiskGroupCache"]
 
 log = logging.getLogger(__name__)
-
-
-def group_tensor_names(part: int) -> tuple[str, ...]:
-    """The weight slices of a group of ``part`` (see :mod:`halo_p2p.groups`)."""
-    return ("wq", "wk", "wv", "wo") if part == ATTN else ("w1", "w3", "w2")
 
 
 class DiskGroupCache:
@@ -40,7 +35,7 @@ class DiskGroupCache:
 
     def __init__(self, sha256: str, config: ModelConfig, root: Path | None = None) -> None:
         self.sha256, self._config = sha256, config
-        self.folder = (root or cache_dir().parent / "weights") / sha256[:16]
+        self.folder = (root or user_cache_dir() / "weights") / sha256[:16]
 
     @property
     def config(self) -> ModelConfig:
@@ -67,7 +62,7 @@ class DiskGroupCache:
         """
         try:
             with np.load(self.path(gid)) as data:
-                out = {name: np.asarray(data[name], dtype=np.float32) for name in group_tensor_names(gid.part)}
+                out = {name: np.asarray(data[name], dtype=np.float32) for name in tensor_names(gid.part)}
         except (OSError, KeyError, ValueError) as exc:
             raise ModelFormatError(f"cached weights of group {gid} in {self.folder} are unreadable ({exc})",
                                    f"delete {self.folder}; they are streamed again") from None

@@ -13,7 +13,8 @@ the sync point's state; ``_wait`` only carries its decisions out:
   (classic tensor parallelism; a lost packet costs an SCTP retransmission, RTO >= 1 s).
 * ``strict-unreliable``: decode steps travel on the unreliable channel with FEC and the
   deadlines and Resends of ``halo``, but every group is critical: the best strict synchronization
-  can do on this transport, the baseline that isolates what skipping groups buys.
+  can do on this transport, the baseline that isolates what skipping groups buys. As in
+  ``strict``, a worker whose link closed while its answer is pending raises ``PeerLost`` at once.
 * ``halo``: as ``strict-unreliable``, but only the critical groups must arrive: an answer holding
   none is waited for only until its owner's deadline, derived from measured response times
   (:class:`~halo_p2p.session.records.ResponseTimer`); what is missing counts as zero. Prompts (more
@@ -185,7 +186,9 @@ class Coordinator:
                                                  k=options.deadline_k, floor_s=options.deadline_floor_s)
                         for p in self.links for part in PARTS}
         self._part_timers = {part: {p: self._timers[p, part] for p in self.links} for part in PARTS}
-        self._rules = WaitRules(halo=options.mode is SyncMode.HALO, strict=options.mode is SyncMode.STRICT,
+        # both strict modes need every group: a pending worker whose link closed is PeerLost at once (the
+        # engine re-plans without it), not a stall; halo counts its groups missing instead
+        self._rules = WaitRules(halo=options.mode is SyncMode.HALO, strict=options.mode is not SyncMode.HALO,
                                 stall_timeout_s=options.stall_timeout_s, resend_interval_s=options.resend_interval_s)
         self._owners = {(layer, part): {g: p for g, p in plan.owners_at(layer, part).items() if p != plan.coordinator}
                         for layer in range(layout.n_layers) for part in PARTS}   # remote groups per sync point
@@ -262,7 +265,8 @@ class Coordinator:
             float32 ``(T, vocab)`` or ``(1, vocab)``.
         Raises:
             TransportError: a sync point made no progress for ``stall_timeout_s``.
-            PeerLost: ``strict`` mode, a worker's link closed.
+            PeerLost: ``strict`` or ``strict-unreliable`` mode, the link of a worker whose answer
+                is pending closed.
         """
         if start_pos == 0 and self.step > 0:
             await self.reset()
@@ -370,7 +374,7 @@ class Coordinator:
         """Wait at ``sp`` as :func:`~halo_p2p.session.sync.decide` says, until it says done.
 
         Raises:
-            PeerLost: ``strict``, a worker with a pending answer is gone.
+            PeerLost: ``strict`` or ``strict-unreliable``, a worker with a pending answer is gone.
             TransportError: nothing arrived for ``stall_timeout_s``.
         """
         loop = asyncio.get_running_loop()
