@@ -1,8 +1,8 @@
 """The engine of a split model: one :class:`~halo_p2p.engine.protocol.Engine` that owns its links.
 
 :class:`SplitEngine` runs the current session's :class:`~halo_p2p.session.coordinator.Coordinator`
-and survives lost workers: when a worker's link closes, a ``strict`` coordinator raises
-:class:`~halo_p2p.errors.PeerLost` at once; a ``halo`` coordinator counts the worker's groups as
+and survives lost workers: when a worker's link closes, a ``strict`` or ``strict-unreliable``
+coordinator raises :class:`~halo_p2p.errors.PeerLost` at once; a ``halo`` coordinator counts the worker's groups as
 missing from the next deadline on and finishes the token. Either way the engine then builds a new
 coordinator (new session id, new plan without the lost peers), recomputes the KV caches of the
 new plan by replaying the ids forwarded so far, and carries on, so no generation hangs.
