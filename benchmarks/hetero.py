@@ -25,6 +25,9 @@ from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator
 
+ORDER = ("coordinator", "w1x", "w0_5x", "w0_25x")
+"""Peers in the order of the table's share column."""
+
 
 async def run(args: argparse.Namespace) -> dict:
     model = open_model(args.model)
@@ -68,7 +71,8 @@ def main() -> None:
     s, h = res["runs"]["split"], res["runs"]["schedule"]
     print("| plan | TPOT median (ms) | p95 (ms) | shares (coordinator, 1x, 0.5x, 0.25x) |\n|---|---|---|---|")
     for name, r in (("equal split", s), ("scheduler", h)):
-        print(f"| {name} | {r['tpot_ms']:.1f} | {r['tpot_p95_ms']:.1f} | {', '.join(map(str, r['shares'].values()))} |")
+        shares = ", ".join(str(r["shares"].get(n, 0.0)) for n in ORDER)
+        print(f"| {name} | {r['tpot_ms']:.1f} | {r['tpot_p95_ms']:.1f} | {shares} |")
     print(f"\nscheduler / equal split TPOT: {h['tpot_ms'] / s['tpot_ms']:.2f}")
 
 
