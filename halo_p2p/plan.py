@@ -302,4 +302,4 @@ def _triples(value: object) -> Iterable[Sequence[Any]]:
     for item in _seq(value):
         if len(_seq(item)) != 3:
             raise ValueError(f"group entry {item!r} is not [layer, part, index]")
-        yield item  # type: ignore[misc]
+        yield item  # type: ignore[misc]  # _seq(item) has length 3, checked above

@@ -86,7 +86,9 @@ class CalibrationSet:
 
     def subset(self, tokens: np.ndarray) -> CalibrationSet:
         """The tokens selected by ``tokens`` (a bool mask or an index array)."""
+        # mypy: tuples built per part: mypy sees tuple[ndarray, ...], the field is a 2-tuple
         return CalibrationSet(tuple(a[:, tokens] for a in self.xn),        # type: ignore[arg-type]
+                              # mypy: tuples built per part: mypy sees tuple[ndarray, ...], the field is a 2-tuple
                               tuple(a[:, tokens] for a in self.norms),     # type: ignore[arg-type]
                               self.sequence_ids[tokens], self.layout)
 

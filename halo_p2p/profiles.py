@@ -136,7 +136,7 @@ def _check(key: str, value: object) -> Any:
         return parse_bytes(value)
     if not _real(value):
         raise ValueError
-    v = float(value)  # type: ignore[arg-type]
+    v = float(value)  # type: ignore[arg-type]  # value is object: checked to be a real number above
     ok = {"compute_slowdown": v > 0, "share": v >= 0, "plr": 0 <= v <= 1}.get(key, v >= 0)
     if not ok:
         raise ValueError

@@ -53,6 +53,7 @@ def validate_field(attr: str, value: object, static: bool) -> object:
             ok = isinstance(value, str) and value.isprintable() and 0 < len(value.encode()) <= NAME_MAX_BYTES
             fix = f"use 1-{NAME_MAX_BYTES} bytes of printable text"
         case "protocol":
+            # mypy: value is object: _is_int(value) is checked first
             ok, fix = _is_int(value) and value >= 1, "use an integer >= 1"  # type: ignore[operator]
         case "models":
             value = tuple(value) if isinstance(value, list | tuple) else value
@@ -61,19 +62,23 @@ def validate_field(attr: str, value: object, static: bool) -> object:
                 and len(m.encode()) <= MODEL_ENTRY_MAX_BYTES for m in value)
             fix = "use distinct '<name>@<first 16 lowercase hex of sha256>' entries, names without commas, <= 100 bytes"
         case "cores":
+            # mypy: value is object: _is_int(value) is checked first
             ok = _is_int(value) and value >= (0 if static else 1)  # type: ignore[operator]
             fix = "use an integer >= 1"
         case "memory_budget_bytes":
+            # mypy: value is object: _is_int(value) is checked first
             ok, fix = _is_int(value) and value >= 0, "use an integer number of bytes >= 0"  # type: ignore[operator]
         case "compute_gflops":
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
                 and value >= 0
+            # mypy: value is object: ok means it is a real number
             value, fix = float(value) if ok else value, "use a finite number of GFLOP/s >= 0"  # type: ignore[arg-type]
         case "host":
             ok = (isinstance(value, str) and 0 < len(value) <= 253 and value.isprintable()
                   and " " not in value and "[" not in value)
             fix = "use an IPv4 or IPv6 address (no brackets) or a host name"
         case "signaling_port":
+            # mypy: value is object: _is_int(value) is checked first
             ok, fix = _is_int(value) and 1 <= value <= 65535, "use a TCP port in 1..65535"  # type: ignore[operator]
         case _:  # pragma: no cover
             raise AssertionError(attr)

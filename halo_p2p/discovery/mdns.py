@@ -337,6 +337,7 @@ class MdnsDiscovery(TableView):
         await asyncio.gather(*broadcasts, return_exceptions=True)
         if zc is not None and self._registered and self._info is not None:
             async def unregister() -> None:
+                # mypy: zeroconf's stub types the awaitable it returns too narrowly
                 await (await zc.async_unregister_service(self._info))  # type: ignore[arg-type]
             await self._bounded("sending goodbyes", unregister())
         if self._browser is not None:

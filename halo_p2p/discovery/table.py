@@ -130,7 +130,7 @@ class PeerSubscription:
         if item is _END:
             self._ended = True
             raise StopAsyncIteration
-        return item  # type: ignore[return-value]
+        return item  # type: ignore[return-value]  # the queue holds events and the _END sentinel, handled above
 
 
 class PeerTable:

@@ -145,5 +145,6 @@ def decode_txt(props: TxtProps, host: str, port: int) -> PeerInfo:
             if strict:
                 raise
             fields[attr] = _FALLBACK.get(attr, fields["peer_id"])
+    # mypy: fields validated one by one above (validate_field); mypy sees dict[str, object]
     return PeerInfo(**fields)  # type: ignore[arg-type]
 

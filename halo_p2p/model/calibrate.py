@@ -188,6 +188,7 @@ def collect(model: Llama, layout: GroupLayout, sequences: Sequence[Sequence[int]
     xn = tuple(np.stack([np.concatenate(xs[p][layer]) for layer in range(layout.n_layers)]) for p in PARTS)
     norms = tuple(np.stack([np.concatenate(ns[p][layer]) for layer in range(layout.n_layers)]) for p in PARTS)
     log.info("collected %d tokens in %d sequences", len(seq_ids), len(sequences))
+    # mypy: tuples built per part: mypy sees tuple[ndarray, ...], the field is a 2-tuple
     return CalibrationSet(xn, norms, seq_ids, layout)                                           # type: ignore[arg-type]
 
 

@@ -177,6 +177,7 @@ class PagedShard:
 
         def compute(shard: AttentionShard | MlpShard) -> np.ndarray:
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            # mypy: part == ATTN picks the shard type; MlpShard has hidden()
             act = self._attention_input(layer, xt, start_pos) if part == ATTN else shard.hidden(xt)  # type: ignore[union-attr]
             return shard.partials(act).numpy()
 

@@ -179,6 +179,7 @@ def answer_rows(owner: GroupShard | Any, shard: AttentionShard | MlpShard | None
     position = {g: i for i, g in enumerate(owner.index[(layer, part)])}
     where = [[position[g] for g in row] for row in rows]
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    # mypy: part == ATTN picks the shard type; MlpShard has hidden()
     act = owner._attention_input(layer, xt, start_pos) if part == ATTN else shard.hidden(xt)  # type: ignore[union-attr]
     out, nrm = shard.sums(act, where, norms=norms)
     return out.numpy(), (nrm.numpy() if nrm is not None else None)

@@ -84,6 +84,7 @@ def new_peer_connection() -> RTCPeerConnection:
 def raise_receive_buffers(pc: RTCPeerConnection) -> None:
     """Best effort: raise the receive buffer of every ICE UDP socket of ``pc`` to 8 MiB."""
     try:  # private path, checked on aioice 0.13: RTCDtlsTransport -> RTCIceTransport -> Connection
+        # mypy: aiortc's private transport chain is typed Optional; None raises AttributeError, caught
         protocols = list(pc.sctp.transport.transport._connection._protocols)  # type: ignore[union-attr]
     except AttributeError as exc:
         log.debug("cannot reach the ICE sockets to raise their receive buffers (%s)", exc)

@@ -243,6 +243,7 @@ class _DelayedSack:
                 self.bundled += 1
                 sctp = self._sctp
                 await sctp.transport._send_data(serialize_packet(
+                    # mypy: aiortc's private attributes are typed Optional; set once the association runs
                     sctp._local_port, sctp._remote_port, sctp._remote_verification_tag, body))  # type: ignore[arg-type]
                 return
             for sack in captured:                # no room: the SACK first, alone

@@ -87,7 +87,9 @@ class CostModel:
     def __init__(self, layout: GroupLayout, peers: list[PeerModel], config: SchedulerConfig) -> None:
         self.layout, self.peers, self.config = layout, peers, config
         k = config.deadline_k
+        # mypy: chunk sizes are set in __post_init__ before any cost model exists
         n_in = max(1, math.ceil(layout.dim / config.input_chunk_elems))      # type: ignore[operator]
+        # mypy: chunk sizes are set in __post_init__ before any cost model exists
         n_out = max(1, math.ceil(layout.dim / config.partial_chunk_elems))   # type: ignore[operator]
         self.coord = [p.is_coordinator for p in peers]
         self.c = [p.seconds_per_gparam * 1e-9 for p in peers]                 # seconds per parameter

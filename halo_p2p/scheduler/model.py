@@ -46,10 +46,10 @@ UNLIMITED_BYTES = sys.maxsize
 
 def _real(owner: str, name: str, value: object, low: float = 0.0, high: float = math.inf) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not low <= value <= high:  # type: ignore[operator]
+    if not ok or not low <= value <= high:  # type: ignore[operator]  # value is object: ok means it is a real number
         raise ConfigError(f"{owner}.{name} = {value!r} is out of range",
                           f"use a finite number in [{low}, {high}]")
-    return float(value)  # type: ignore[arg-type]
+    return float(value)  # type: ignore[arg-type]  # value is object: ok means it is a real number
 
 
 @dataclass(frozen=True, slots=True)

@@ -225,6 +225,7 @@ def schedule(layout: GroupLayout, peers: Iterable[PeerModel], stats: GroupStats 
             if sum(hard) < n:
                 raise PlanError(f"no room left for the groups of layer {layer} (the memory budgets are within a "
                                 "few groups of the model size)", "raise a memory budget or add a peer")
+            # mypy: same is False when incumbent is None
             inc = [index.get(incumbent.owner[GroupId(layer, part, g)], -1) if same else -1  # type: ignore[union-attr]
                    for g in range(n)]
             pc, imp = stats.p_critical[part][layer], stats.importance[part][layer]

@@ -322,6 +322,7 @@ class Coordinator:
         held = self.local.groups_at(layer, part) if self.local is not None else []
         if held:
             local = asyncio.ensure_future(self.compute.run(  # a decode step's share: inline once measured short
+                # mypy: held is non-empty only when this peer has a local shard
                 self.local.answer, layer, part, xn, start_pos, [held], norms=norms,  # type: ignore[union-attr]
                 inline_below_s=HANDOFF_S if n_tokens == 1 else None, kind=f"answer/{n_tokens == 1}"))
         extra = asyncio.ensure_future(self.compute.run(self.takeover.partials, layer, moved, xn)) if moved else None
@@ -495,6 +496,7 @@ class Coordinator:
                 flat_values = np.ascontiguousarray(tensors[name], dtype=np.float32).reshape(-1)
                 for a in range(0, flat_values.size, per_chunk):
                     await self._send(peer, Channel.RELIABLE, codec.encode(GroupTensor(
+                        # mypy: name comes from groups.tensor_names, a Literal at runtime
                         session=self.session, layer=gid.layer, part=gid.part, index=gid.index, name=name,  # type: ignore[arg-type]
                         rows=rows, cols=cols, offset=a, data=flat_values[a:a + per_chunk])))
                     sent += flat_values[a:a + per_chunk].nbytes

@@ -214,7 +214,7 @@ class _Direction:
             except OSError as e:  # the TAP was deleted
                 log.warning("read failed: %s", e)
                 return False
-            c.frames += 1  # type: ignore[operator]
+            c.frames += 1  # type: ignore[operator]  # counters are ints set at start
             if is_udp(frame):
                 c.udp += 1
                 if self.plr and self.rng.random() < self.plr:
@@ -331,6 +331,7 @@ async def run_shim(spec: ShimSpec, *, stdin_fd: int | None = None, out: int | No
 
         def on_command() -> None:
             try:
+                # mypy: stdin_fd is set before this callback is registered
                 data = os.read(stdin_fd, 4096)  # type: ignore[arg-type]
             except (BlockingIOError, InterruptedError):
                 return

@@ -119,6 +119,7 @@ class _Sim(Transport):
         self.group_params = [lay.group_params(part) for part in PARTS]
         self.classifier_s = shape.classifier_params * cdev.seconds_per_param
         rule = StaticRule(scores, lay.n_attn, opts.critical_fraction if self.halo else 1.0)
+        # mypy: the static rule ignores the input vector
         self.crit = [[rule.critical(layer, part, None) for part in PARTS]  # type: ignore[arg-type]
                      for layer in range(lay.n_layers)]
         self.imp = {ATTN: np.repeat(scores.max(axis=1, keepdims=True), lay.n_attn, axis=1), MLP: scores}
@@ -142,7 +143,7 @@ class _Sim(Transport):
                 log.warning("token %d exceeded %.0f s: stopping (diverged)", self.tok, limit)
                 return False
             self.now = at
-            fn(*args)  # type: ignore[operator]
+            fn(*args)  # type: ignore[operator]  # handlers are stored untyped in the event heap
         return True
 
     def _send_input(self, w: Worker, s: int, *, again: bool = False) -> None:

@@ -71,6 +71,7 @@ def vector_frames(dim: int, n_groups: int, *, kind: str, fmt: str = "q8_0", pari
                                   n_tokens=1, groups=groups, segments=(len(groups),), fmt=wf)
         extra: dict[str, Any] = {}
     elif kind == "out":
+        # mypy: a Partial template where the in-branch has a LayerInput
         template = answer_template(_STEP["session"], _STEP["step"], _STEP["layer"], _STEP["part"],  # type: ignore[assignment]
                                    n_groups=len(groups), norms=norms, fmt=wf)
         extra = {"norms": np.ones(len(groups), np.float16) if norms else None}
