@@ -245,6 +245,10 @@ class PlanBody:
         if type(size) is not int or size < 1:
             raise ConfigError(f"plan body field 'placement.mlp_group_size' must be an int >= 1, got {size!r:.40}")
         config = _config_from(data["config"])
+        if config.hidden_dim % size:   # checked here: GroupLayout's error would search hidden_dim's divisors
+            raise ConfigError(f"plan body field 'placement.mlp_group_size': MLP group size {size} does not divide "
+                              f"hidden_dim {config.hidden_dim} of field 'config'",
+                              "build the placement from GroupLayout.from_config(config)")
         try:
             layout = GroupLayout.from_config(config, size)
         except ConfigError as exc:

@@ -31,10 +31,14 @@ from halo_p2p.wire.messages import (
     Message,
 )
 
-__all__ = ["SCTP_USERDATA_BYTES", "TYPED_ARRAY_TAGS", "decode", "encode", "payload_budget"]
+__all__ = ["MAX_FRAME_BYTES", "SCTP_USERDATA_BYTES", "TYPED_ARRAY_TAGS", "decode", "encode", "payload_budget"]
 
 SCTP_USERDATA_BYTES = 1160
 """aiortc's SCTP ``USERDATA_MAX_LENGTH``: the largest message that travels as one packet."""
+
+MAX_FRAME_BYTES = 1 << 20
+"""The longest frame :func:`decode` parses (bytes): four times the largest message a data channel
+carries (256 KiB), so every length inside a frame is bounded before anything is parsed."""
 
 TYPED_ARRAY_TAGS: dict[str, int] = {"uint8": 64, "float16": 84, "float32": 85, "uint16": 69, "uint32": 70}
 """numpy dtype name -> the RFC 8746 little-endian typed-array tag used to encode it."""
@@ -45,7 +49,9 @@ _TAG_DTYPES: dict[int, np.dtype[Any]] = {tag - big * 4: np.dtype(name).newbyteor
                                          if not (big and np.dtype(name).itemsize == 1)}
 _LE_DTYPES = {name: _TAG_DTYPES[tag] for name, tag in TYPED_ARRAY_TAGS.items()}
 _NDARRAY_TAG = 40  # RFC 8746 multi-dimensional array, row-major: 40([shape, typed array])
+_MAX_NDIM = 8  # dimensions of a tag-40 shape (numpy's own limit is 64; a field takes only 1)
 _MAX_DEPTH = 64  # nesting of a map field (the plan body)
+_BIGNUM_TAGS = (2, 3)  # RFC 8949 §3.4.3 unsigned / negative bignum: a byte string of any length
 _FROZEN_KINDS = (Bye.KIND, ErrorReply.KIND)  # the same layout in every version
 _NATIVE = "<" if sys.byteorder == "little" else ">"
 _LITTLE = ("<", "=") if _NATIVE == "<" else ("<",)  # dtype.byteorder values meaning little-endian
@@ -57,6 +63,8 @@ class _Invalid(Exception):
 
 def _name(value: Any) -> str:
     if isinstance(value, cbor2.CBORTag):
+        if value.tag in _BIGNUM_TAGS and type(value.value) is bytes:
+            return f"a bignum of {len(value.value)} bytes (CBOR tag {value.tag}; integers are limited to 64 bits)"
         return f"CBOR tag {value.tag}"
     t = type(value)
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
@@ -143,7 +151,7 @@ def _uint_tuple_decode(v: Any, types: tuple[type, ...] = (list, tuple)) -> Any:
         raise _Invalid(f"must be {'tuple' if len(types) == 1 else 'an array of int'}, got {_name(v)}")
     for i, x in enumerate(v):
         if type(x) is not int or not 0 <= x < 2**32:
-            raise _Invalid(f"item {i} must be an int in [0, {2**32 - 1}], got {x!r:.80}")
+            raise _Invalid(f"item {i} must be an int in [0, {2**32 - 1}], got {x if type(x) is int else _name(x)}")
     return tuple(v)
 
 
@@ -208,18 +216,30 @@ def _array_codec(dtypes: tuple[str, ...]) -> tuple[Callable[[Any], Any], Callabl
 
 
 def _ndarray_from_cbor(v: Any) -> np.ndarray:
-    """A read-only array from an RFC 8746 typed array, or from tag 40 ``[shape, typed array]``."""
+    """A read-only array from an RFC 8746 typed array, or from tag 40 ``[shape, typed array]``.
+
+    A tag-40 shape is checked before numpy sees it: at most :data:`_MAX_NDIM` dimensions, each an
+    int below 2**32, whose product (a Python int: no overflow) equals the typed array's length.
+    """
     if not isinstance(v, cbor2.CBORTag):
         raise _Invalid(f"must be an RFC 8746 typed array, got {_name(v)}")
     if v.tag == _NDARRAY_TAG:
         # cbor2 decodes a tag's content immutably: arrays inside tags arrive as tuples.
         if type(v.value) not in (list, tuple) or len(v.value) != 2 or type(v.value[0]) not in (list, tuple):
             raise _Invalid("must be tag 40 [shape, typed array] (RFC 8746)")
-        shape = list(v.value[0])
+        dims, inner = v.value
+        if not 1 <= len(dims) <= _MAX_NDIM:
+            raise _Invalid(f"has a tag 40 shape of {len(dims)} dimensions (1 to {_MAX_NDIM} accepted)")
+        shape = list(dims)
         if not all(type(d) is int and 0 <= d < 2**32 for d in shape):
-            raise _Invalid(f"has an invalid tag 40 shape {shape!r:.80}")
-        flat = _ndarray_from_cbor(v.value[1])
-        if flat.ndim != 1 or math.prod(shape) != flat.size:
+            shown = ", ".join(str(d) if type(d) is int else _name(d) for d in shape)
+            raise _Invalid(f"has an invalid tag 40 shape [{shown}]")
+        if not isinstance(inner, cbor2.CBORTag) or inner.tag == _NDARRAY_TAG:
+            raise _Invalid(f"must be tag 40 [shape, typed array] (RFC 8746), got {_name(inner)} for the typed array")
+        if math.prod(max(d, 1) for d in shape) > 2**32:   # numpy refuses such a shape even with a 0 in it
+            raise _Invalid(f"has a tag 40 shape {shape} of more than 2**32 elements")
+        flat = _ndarray_from_cbor(inner)
+        if math.prod(shape) != flat.size:
             raise _Invalid(f"has tag 40 shape {shape} but {flat.size} elements")
         return flat.reshape(shape)
     dtype = _TAG_DTYPES.get(v.tag)
@@ -331,6 +351,13 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     converted copy for big-endian data), in native byte order, of the field's dtype; call
     ``.copy()`` before writing. Tag 40 ``[shape, typed array]`` is accepted where the shape is 1-D.
 
+    Any bytes are safe to pass: every failure is one of the two errors below, and the work is
+    bounded by the frame's length (at most :data:`MAX_FRAME_BYTES`). Integers are bounded before
+    any conversion: a bignum (tags 2 and 3) of more than 64 bits stays an opaque tag that every
+    field refuses; other tags with a built-in meaning in cbor2 (dates, decimals, sets, regular
+    expressions, ...) are not interpreted; map keys must be strings; nesting is at most 68 deep;
+    a tag-40 shape has at most 8 dimensions and must match its data.
+
     Args:
         data: exactly one CBOR data item; trailing bytes are an error.
 
@@ -340,19 +367,35 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     Raises:
         VersionMismatch: the frame's version is not :data:`WIRE_VERSION` (``peer_version`` set;
             for a Bye or ErrorReply, whose layout never changes, the text quotes its fields).
-        DecodeError: not CBOR, truncated, trailing bytes, not an array, unknown KIND, wrong
-            field count, or a field of the wrong type or range (the message names the field).
+        DecodeError: longer than :data:`MAX_FRAME_BYTES`, not CBOR, truncated, trailing bytes,
+            not an array, unknown KIND, wrong field count, or a field of the wrong type or range
+            (the message names the field).
     """
     if type(data) is not bytes:
-        data = bytes(data)  # a memoryview's len() may count items, not bytes
+        try:
+            data = memoryview(data).tobytes()  # a memoryview's len() may count items, not bytes
+        except TypeError:
+            raise DecodeError(f"a frame must be bytes, got {_name(data)}") from None
+    if len(data) > MAX_FRAME_BYTES:
+        raise DecodeError(f"frame of {len(data)} bytes is longer than {MAX_FRAME_BYTES} bytes")
     buf = io.BytesIO(data)
     try:
-        items = cbor2.CBORDecoder(buf, semantic_decoders=_NO_SHARING, max_depth=_MAX_DEPTH + 4,
-                                  allow_duplicate_keys=False).decode()
+        items = cbor2.CBORDecoder(buf, semantic_decoders=_SEMANTIC, max_depth=_MAX_DEPTH + 4,
+                                  allow_duplicate_keys=False, strict_hashable_types=True).decode()
     except Exception as exc:  # cbor2 raises CBORDecodeError, and ValueError etc. from built-in tags
         raise DecodeError(f"frame of {len(data)} bytes is not valid CBOR: {exc}") from exc
     if buf.tell() != len(data):
         raise DecodeError(f"frame has {len(data) - buf.tell()} trailing bytes after the CBOR item")
+    try:
+        return _message(items)
+    except WireError:
+        raise
+    except Exception as exc:   # a safety net: every rule above is checked explicitly first
+        raise DecodeError(f"frame of {len(data)} bytes cannot be decoded: {type(exc).__name__}") from exc
+
+
+def _message(items: Any) -> Message:
+    """The message of a decoded frame ``[version, KIND, *fields]``; raises DecodeError or VersionMismatch."""
     if type(items) is not list or len(items) < 2:
         raise DecodeError(f"frame must be a CBOR array [version, kind, ...], got {_name(items)}"
                           + (f" of {len(items)} items" if type(items) is list else ""))
@@ -362,12 +405,12 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if version != WIRE_VERSION:
         said = ""
         if kind in _FROZEN_KINDS and len(items) == 2 + len(_SCHEMAS[REGISTRY[kind]]):
-            said = "; it says: " + ": ".join(repr(x)[:200] for x in items[2:])  # Bye, ErrorReply
+            said = "; it says: " + ": ".join(_quote(x) for x in items[2:])  # Bye, ErrorReply
         raise VersionMismatch(f"peer speaks wire version {version}, this peer speaks {WIRE_VERSION}{said}",
                               "upgrade the older peer", peer_version=version)
     cls = REGISTRY.get(kind) if type(kind) is int else None
     if cls is None:
-        raise DecodeError(f"unknown message kind {kind!r:.40}")
+        raise DecodeError(f"unknown message kind {kind if type(kind) is int else _quote(kind, 40)}")
     schema = _SCHEMAS[cls]
     if len(items) != len(schema) + 2:
         raise DecodeError(f"{cls.__name__} frame must have {len(schema)} fields, got {len(items) - 2}")
@@ -377,13 +420,22 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             kwargs[name] = dec(value)
         except _Invalid as exc:
             raise DecodeError(f"{cls.__name__} field {name!r} {exc}") from None
-        except (ValueError, OverflowError, TypeError) as exc:   # e.g. a huge bignum, a bad tag-40 shape
+        except Exception as exc:   # a safety net: the converters check types and ranges first
             raise DecodeError(f"{cls.__name__} field {name!r} cannot be decoded: {type(exc).__name__}") from exc
     msg = cls(**kwargs)
     problem = msg.check()
     if problem is not None:
         raise DecodeError(f"{cls.__name__}: {problem}")
     return msg
+
+
+def _quote(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters; a text string is cut before quoting."""
+    if type(value) is str:
+        return repr(value[:limit])[:limit]
+    if type(value) in (int, float, bool) or value is None:
+        return repr(value)
+    return _name(value)
 
 
 def payload_budget(template: Message, budget_bytes: int = SCTP_USERDATA_BYTES) -> int:
@@ -410,8 +462,35 @@ def _head_bytes(value: int) -> int:
     return 1 if value < 24 else 2 if value < 2**8 else 3 if value < 2**16 else 5 if value < 2**32 else 9
 
 
-def _no_sharing(value: Any, immutable: bool) -> Any:
+def _no_sharing(*_: Any) -> Any:
     raise ValueError("shared references (tags 28, 29) are not allowed")  # cycles, exponential DAGs
 
 
-_NO_SHARING = dict.fromkeys((28, 29), _no_sharing)
+def _bignum(tag: int) -> Callable[[Any, bool], Any]:
+    """Tag 2 / 3 (RFC 8949 §3.4.3): an int if it fits 64 bits, else the tag itself, unconverted
+    (every field refuses it: no unbounded int is ever built, printed or compared)."""
+
+    def decode_bignum(value: Any, immutable: bool) -> Any:
+        if type(value) is bytes:
+            digits = value.lstrip(b"\0")
+            if len(digits) <= 8:
+                n = int.from_bytes(digits, "big")
+                return n if tag == 2 else -1 - n
+        return cbor2.CBORTag(tag, value)
+
+    return decode_bignum
+
+
+def _opaque(tag: int) -> Callable[[Any, bool], Any]:
+    """The tag as a plain :class:`cbor2.CBORTag`: cbor2's built-in meaning is not applied."""
+    return lambda value, immutable: cbor2.CBORTag(tag, value)
+
+
+# cbor2's built-in tags (dates 0/1/100/1004, decimal 4, bigfloat 5, string references 25/256,
+# rational 30, regex 35, MIME 36, UUID 37, IP 52/54/260/261, set 258, ...): none is part of
+# the protocol, so none builds an object; the schema then refuses the tag by name.
+_SEMANTIC: dict[int, Callable[..., Any]] = {
+    **{tag: _opaque(tag) for tag in (0, 1, 4, 5, 25, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000)},
+    **{tag: _bignum(tag) for tag in _BIGNUM_TAGS},
+    **dict.fromkeys((28, 29), _no_sharing),
+}
