@@ -436,6 +436,12 @@ class Coordinator:
     # -- receiving ------------------------------------------------------------------------------
 
     async def _receive(self, peer: str, link: Link) -> None:
+        """Read ``peer``'s frames until its link closes.
+
+        Nothing a frame holds ends this loop: a frame that does not decode is counted
+        (``counters["malformed"]``) and dropped; a decoded message whose handling raised is counted
+        (``counters["rejected"]``) and dropped.
+        """
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -452,33 +458,52 @@ class Coordinator:
                 self.counters["malformed"] += 1
                 log.debug("malformed frame from %s: %s", peer, exc)
                 continue
-            if isinstance(msg, Partial):
-                self._on_partial(peer, msg, loop.time())
-            elif isinstance(msg, NeedInput):
-                sp = self._recent.get((msg.step, msg.layer, msg.part))
-                if sp is not None:
-                    sp.input_repeated(peer)
-                sent = self._inputs.get((peer, msg.step, msg.layer, msg.part))
-                if sent is not None:
-                    await self._send_all(peer, sent.channel, sent.again())
-            elif isinstance(msg, WeightsWanted):
-                if msg.session == self.session:
-                    self._tasks.append(asyncio.create_task(self._stream_weights(peer, msg.groups)))
-            elif isinstance(msg, PlanReady):
-                fut = self._ready.get(peer)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif isinstance(msg, ErrorReply):
-                self.counters["error_replies"] += 1
-                log.warning("peer %s: %s: %s", peer, msg.code, msg.message)
-                fut = self._ready.get(peer)
-                if fut is not None and not fut.done():
-                    fut.set_exception(PeerLost([peer]))
-            else:
-                self.counters["unexpected"] += 1
+            try:
+                if isinstance(msg, Partial):
+                    self._on_partial(peer, msg, loop.time())
+                elif isinstance(msg, NeedInput):
+                    sp = self._recent.get((msg.step, msg.layer, msg.part))
+                    if sp is not None:
+                        sp.input_repeated(peer)
+                    sent = self._inputs.get((peer, msg.step, msg.layer, msg.part))
+                    if sent is not None:
+                        await self._send_all(peer, sent.channel, sent.again())
+                elif isinstance(msg, WeightsWanted):
+                    if msg.session == self.session:
+                        self._tasks.append(asyncio.create_task(self._stream_weights(peer, msg.groups)))
+                elif isinstance(msg, PlanReady):
+                    fut = self._ready.get(peer)
+                    if msg.session != self.session:
+                        self.counters["stale"] += 1
+                    elif fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif isinstance(msg, ErrorReply):
+                    self.counters["error_replies"] += 1
+                    log.warning("peer %s: %s: %s", peer, msg.code, msg.message)
+                    fut = self._ready.get(peer)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(PeerLost([peer]))
+                else:
+                    self.counters["unexpected"] += 1
+            except Exception as exc:   # a message's content must not end the session
+                self._rejected(peer, type(msg).__name__, exc)
+
+    def _rejected(self, peer: str, what: str, exc: Exception) -> None:
+        """Count a message whose handling raised; the first is logged as a warning, the rest at debug."""
+        self.counters["rejected"] += 1
+        level = logging.WARNING if self.counters["rejected"] == 1 else logging.DEBUG
+        log.log(level, "dropped %s from %s (%d so far): %s: %s", what, peer, self.counters["rejected"],
+                type(exc).__name__, exc)
 
     async def _stream_weights(self, peer: str, flat: tuple[int, ...]) -> None:
-        """Send the weight slices of the groups ``peer`` asked for, then :class:`WeightsDone`."""
+        """Send the weight slices of the groups ``peer`` asked for, then :class:`WeightsDone`; a
+        failure is counted (``counters["rejected"]``), never left in the task."""
+        try:
+            await self._send_weights(peer, flat)
+        except Exception as exc:   # the request came in a frame
+            self._rejected(peer, "WeightsWanted", exc)
+
+    async def _send_weights(self, peer: str, flat: tuple[int, ...]) -> None:
         if self.weights is None:
             await self._send(peer, Channel.RELIABLE, codec.encode(ErrorReply(
                 code="no-weights", message="this coordinator cannot stream weights")))

@@ -123,6 +123,7 @@ class Worker:
         self.layout: GroupLayout | None = None
         self.shard: GroupCompute | None = None
         self.session = -1
+        self.max_seq_len = 0       # the session's KV-cache length (tokens): inputs beyond it are refused
         self.mode = SyncMode.HALO
         self.fmt: WireFormat = wire_format("q8_0")
         self._inputs: dict[tuple[int, int, int], _Input] = {}
@@ -130,6 +131,7 @@ class Worker:
         self._checks: dict[tuple[int, int, int], asyncio.TimerHandle] = {}
         self._pending: tuple[Plan, NeedWeights] | None = None     # a plan waiting for streamed weights
         self._streamed: dict[GroupId, dict[str, Reassembly]] = {}
+        self._wanted: set[GroupId] = set()                        # the groups of the pending plan's WeightsWanted
         self._latest: tuple[int, int, int] = (-1, -1, -1)   # newest sync point computed
         self._queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
         self.counters: Counter[str] = Counter()
@@ -137,7 +139,13 @@ class Worker:
         self._last_step: tuple[int, float] = (-1, 0.0)
 
     async def run(self) -> None:
-        """Serve until the link closes or the coordinator says Bye."""
+        """Serve until the link closes or the coordinator says Bye.
+
+        Nothing a frame holds ends the session: a frame that does not decode is counted
+        (``counters["malformed"]``) and dropped (answered with :class:`ErrorReply` on the reliable
+        channel); a decoded message this peer cannot act on (its handling raised, e.g. an input
+        beyond the KV cache) is counted (``counters["rejected"]``) and dropped.
+        """
         computer = asyncio.create_task(self._compute_loop(), name=f"compute-{self.peer_id}")
         try:
             while True:
@@ -154,29 +162,41 @@ class Worker:
                         code = "version_mismatch" if isinstance(exc, VersionMismatch) else "decode_error"
                         await self._reply(ErrorReply(code=code, message=str(exc)[:400]))
                     continue
-                if isinstance(msg, LayerInput):
-                    self._on_input(msg)
-                elif isinstance(msg, Resend):
-                    await self._on_resend(msg)
-                elif isinstance(msg, Plan):
-                    await self._on_plan(msg)
-                elif isinstance(msg, GroupTensor):
-                    await self._on_group_tensor(msg)
-                elif isinstance(msg, WeightsDone):
-                    if self._pending is not None and msg.session == self._pending[0].session:
-                        plan, self._pending = self._pending[0], None
-                        await self._on_plan(plan)
-                elif isinstance(msg, Reset):
-                    await self._on_reset(msg)
-                elif isinstance(msg, Bye):
+                if isinstance(msg, Bye):
                     return
-                else:
-                    self.counters["unexpected"] += 1
+                try:
+                    if isinstance(msg, LayerInput):
+                        self._on_input(msg)
+                    elif isinstance(msg, Resend):
+                        await self._on_resend(msg)
+                    elif isinstance(msg, Plan):
+                        await self._on_plan(msg)
+                    elif isinstance(msg, GroupTensor):
+                        await self._on_group_tensor(msg)
+                    elif isinstance(msg, WeightsDone):
+                        if self._pending is not None and msg.session == self._pending[0].session:
+                            plan, self._pending = self._pending[0], None
+                            await self._on_plan(plan)
+                    elif isinstance(msg, Reset):
+                        await self._on_reset(msg)
+                    else:
+                        self.counters["unexpected"] += 1
+                except LinkClosed:
+                    return
+                except Exception as exc:   # a message's content must not end the session
+                    self._rejected(type(msg).__name__, exc)
         finally:
             for handle in self._checks.values():
                 handle.cancel()
             computer.cancel()
             await asyncio.gather(computer, return_exceptions=True)
+
+    def _rejected(self, what: str, exc: Exception) -> None:
+        """Count a message whose handling raised; the first is logged as a warning, the rest at debug."""
+        self.counters["rejected"] += 1
+        level = logging.WARNING if self.counters["rejected"] == 1 else logging.DEBUG
+        log.log(level, "%s: dropped %s (%d so far): %s: %s", self.peer_id, what, self.counters["rejected"],
+                type(exc).__name__, exc)
 
     async def _reply(self, msg: ErrorReply) -> None:
         with contextlib.suppress(LinkClosed):
@@ -199,12 +219,14 @@ class Worker:
                 await self.link.send(Channel.RELIABLE, codec.encode(WeightsWanted(session=msg.session, groups=flat)))
                 return
             self.layout = layout
-        except HaloError as exc:
+        except LinkClosed:
+            raise
+        except Exception as exc:   # e.g. a KV cache too big to allocate: refuse the plan
             self.counters["bad_plan"] += 1
             log.warning("%s: refusing plan: %s", self.peer_id, exc)
             await self.link.send(Channel.RELIABLE, codec.encode(ErrorReply(code="bad-plan", message=str(exc))))
             return
-        self.session, self.mode = msg.session, msg.mode
+        self.session, self.mode, self.max_seq_len = msg.session, msg.mode, body.max_seq_len
         self.fmt = wire_format(msg.wire_dtype)
         self._forget()
         self._latest = (-1, -1, -1)
@@ -230,6 +252,7 @@ class Worker:
 
     def _await_weights(self, plan: Plan, need: NeedWeights) -> None:
         self._pending = (plan, need)
+        self._wanted = set(need.groups)
         self._streamed = {}
         self.counters["weights_wanted"] += len(need.groups)
 
@@ -239,8 +262,8 @@ class Worker:
             return
         gid = GroupId(msg.layer, msg.part, msg.index)
         shapes = self._pending[0].plan.layout.tensor_shapes(gid.part)
-        if shapes.get(msg.name) != (msg.rows, msg.cols):
-            self.counters["malformed"] += 1           # another name or shape than this group's
+        if gid not in self._wanted or shapes.get(msg.name) != (msg.rows, msg.cols):
+            self.counters["malformed"] += 1           # a group not asked for, or another name or shape
             return
         parts = self._streamed.setdefault(gid, {})
         try:
@@ -271,6 +294,9 @@ class Worker:
             return
         inp = self._inputs.get(key)
         try:
+            if msg.start_pos + msg.n_tokens > self.max_seq_len:
+                raise WireError(f"input at positions [{msg.start_pos}, {msg.start_pos + msg.n_tokens}) exceeds the "
+                                f"session's {self.max_seq_len} tokens")
             if inp is None:
                 vector = ChunkedVector(self.fmt, msg.n_tokens * self.layout.dim, msg.n_data, msg.n_parity)
                 inp = _Input(msg, vector)
@@ -305,38 +331,47 @@ class Worker:
     async def _compute_loop(self) -> None:
         while True:
             key = await self._queue.get()
-            inp = self._inputs.pop(key, None)
-            if inp is None or key <= self._latest or self.shard is None or self.layout is None:
-                self.counters["stale"] += 1
-                continue
-            check = self._checks.pop(key, None)
-            if check is not None:
-                check.cancel()
-            _, layer, part = key
-            held = self.shard.groups_at(layer, part)
-            head = inp.first
-            if not set(head.groups) <= set(held):
-                self.counters["bad_groups"] += 1
-                log.warning("%s: input %s asks for groups %s; this peer holds %s", self.peer_id, key,
-                            sorted(set(head.groups) - set(held)), held)
-                continue
-            self._latest = key
-            for old in [k for k in self._inputs if k <= key]:
-                del self._inputs[old]
-            x = inp.vector.values().reshape(head.n_tokens, self.layout.dim)
-            rows = [list(r) for r in Answer(head.groups, head.segments).rows()]
-            norms = sends_norms(self.mode, head.n_tokens, head.step)
-            sums, group_norms = await self.compute.run(   # a decode step's share: inline once measured short
-                self.shard.answer, layer, part, x, head.start_pos, rows, norms=norms,
-                inline_below_s=HANDOFF_S if head.n_tokens == 1 else None, kind=f"answer/{head.n_tokens == 1}")
-            channel = step_channel(self.mode, head.n_tokens)
-            sent = answer_frames(self.session, head.step, head.layer, head.part, n_groups=len(head.groups),
-                                 values=sums.reshape(-1), fmt=self.fmt, channel=channel,
-                                 parity=self._parity_on(channel), norms=group_norms if norms else None)
-            self._results[key] = sent
-            while len(self._results) > _KEEP_RESULTS:
-                self._results.popitem(last=False)
-            await send_paced(self.link, channel, sent.frames)
+            try:
+                await self._compute(key)
+            except LinkClosed:
+                return
+            except Exception as exc:   # one input's failure must not stop the computing
+                self._rejected(f"input {key}", exc)
+
+    async def _compute(self, key: tuple[int, int, int]) -> None:
+        """Compute and send the answer to the complete input ``key``."""
+        inp = self._inputs.pop(key, None)
+        if inp is None or key <= self._latest or self.shard is None or self.layout is None:
+            self.counters["stale"] += 1
+            return
+        check = self._checks.pop(key, None)
+        if check is not None:
+            check.cancel()
+        _, layer, part = key
+        held = self.shard.groups_at(layer, part)
+        head = inp.first
+        if not set(head.groups) <= set(held):
+            self.counters["bad_groups"] += 1
+            log.warning("%s: input %s asks for groups %s; this peer holds %s", self.peer_id, key,
+                        sorted(set(head.groups) - set(held)), held)
+            return
+        self._latest = key
+        for old in [k for k in self._inputs if k <= key]:
+            del self._inputs[old]
+        x = inp.vector.values().reshape(head.n_tokens, self.layout.dim)
+        rows = [list(r) for r in Answer(head.groups, head.segments).rows()]
+        norms = sends_norms(self.mode, head.n_tokens, head.step)
+        sums, group_norms = await self.compute.run(   # a decode step's share: inline once measured short
+            self.shard.answer, layer, part, x, head.start_pos, rows, norms=norms,
+            inline_below_s=HANDOFF_S if head.n_tokens == 1 else None, kind=f"answer/{head.n_tokens == 1}")
+        channel = step_channel(self.mode, head.n_tokens)
+        sent = answer_frames(self.session, head.step, head.layer, head.part, n_groups=len(head.groups),
+                             values=sums.reshape(-1), fmt=self.fmt, channel=channel,
+                             parity=self._parity_on(channel), norms=group_norms if norms else None)
+        self._results[key] = sent
+        while len(self._results) > _KEEP_RESULTS:
+            self._results.popitem(last=False)
+        await send_paced(self.link, channel, sent.frames)
 
     def _parity_on(self, channel: Channel) -> bool:
         """Whether the answer carries parity chunks: uplink FEC on the unreliable channel, unless
