@@ -189,7 +189,9 @@ async def test_version_mismatch_is_refused_and_logged(harness: Harness, caplog: 
     reply = await exchange(harness.server.port, framed(cbor2.dumps([newer, *items[1:]])))
     assert isinstance(reply, SignalRefused) and reply.code == "version" and f"wire version {newer}" in reply.reason
     assert harness.server.stats == {"refused_version": 2}
+    await harness.server.aclose()      # logs the summary of refusals not logged in full
     assert sum("(version)" in r.getMessage() for r in caplog.records) == 2
+    assert "refused 1 more signaling connection (version)" in caplog.records[-1].getMessage()
 
 
 async def test_oversize_frames_are_refused_without_reading_them(harness: Harness) -> None:

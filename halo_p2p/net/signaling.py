@@ -5,8 +5,11 @@ the listening peer (:class:`SignalingServer`) replies with a ``SignalAnswer`` or
 ``SignalRefused`` and closes the stream; both then set up the WebRTC link
 (:mod:`halo_p2p.net.webrtc`) directly between them.
 
-Stream framing: each message is a 4-byte big-endian length, then one wire-codec frame
-(:mod:`halo_p2p.wire.codec`) of at most :data:`MAX_FRAME_BYTES`. Every read has a timeout.
+Stream framing (:mod:`halo_p2p.net.signaling_client`, with :func:`connect` and the MACs): each
+message is a 4-byte big-endian length, then one wire-codec frame (:mod:`halo_p2p.wire.codec`) of
+at most :data:`MAX_FRAME_BYTES`. Every read has a timeout. Every way a frame can fail (too long,
+truncated, not decodable, even a codec bug) is a refusal with a code, counted in
+:attr:`SignalingServer.stats`, never an exception in the log.
 
 MAC: ``mac`` is ``HMAC-SHA256(swarm_key, encode(replace(msg, mac="")))`` as 64 lowercase hex
 digits (RFC 2104): the whole encoded message — version, KIND, every field — with ``mac`` set to
@@ -25,21 +28,39 @@ activations included. An attacker **without the key** can: see the signaling in 
 (peer ids, names, addresses, ICE credentials, fingerprints); refuse or drop traffic (deny
 service); with the ICE credentials it saw, inject connectivity checks and divert the UDP path
 through itself, where it can still only relay or drop DTLS records; open TCP connections, which
-cost the listener one read timeout each (at most ``max_connections`` at once) and never a peer
-connection (the MAC is checked first); replay a captured offer to another
+cost the listener a socket for at most ``read_timeout_s`` (1 s) each and never a peer connection
+(the MAC is checked first); replay a captured offer to another
 swarm member within the window, which makes that member answer and try ICE towards the
 original sender, but the DTLS handshake cannot complete without the original certificate's
 private key, so it times out. It **cannot**: make a listener create a peer connection, get a
 link to any peer, impersonate a peer's DTLS endpoint, read or alter activations and control
 messages, or replay an offer to the same listener or an answer to another offer. Anyone
 **with the key** is a full member: peer ids are not bound to keys, so members trust each other.
+
+Abuse limits: a stranger must not lock key holders out. A connection is *pending* until its
+first frame arrives; a key holder sends its offer the moment it connects, a stranger may send
+nothing, garbage or keyless offers. A pending connection has ``read_timeout_s`` (1 s) for the
+whole frame. A new connection is always accepted; to make room, once ``max_pending_per_address``
+(4) are pending from its source address (IPv4 address, IPv6 /64), the oldest of them is dropped
+with ``SignalRefused("busy")``, else once ``max_pending`` (64) are pending in all, the oldest in
+all; but only one pending for at least 0.25 s, which a key holder's connection never is (its
+offer arrives within a round trip), and idle sockets are; a sweep does the same 0.25 s later if
+no new connection comes. Above 256 pending connections the
+oldest of the address with the most pending ones goes, whatever its age: a bound on sockets
+(:class:`~halo_p2p.net.admission.Admission`). A valid MAC moves the offer out of the pending set
+into one of ``max_handshakes`` (32) handshake slots, which only key holders reach: the reserve.
+:func:`connect` retries ``busy`` with a fresh nonce until its deadline. Not covered: an offer
+that takes over 0.25 s to arrive (a lossy link) competes with idle sockets; 256 connections opened
+within its round trip, from its own address or from 256 addresses, can still push it out.
+Refusals are logged aggregated: the first of each cause per ``log_interval_s`` (10 s) in full,
+the rest as one line with their count (:class:`~halo_p2p.net.admission.RefusalLog`); ``stats``
+counts each by cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
 import time
@@ -47,10 +68,22 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from halo_p2p.errors import AuthError, DecodeError, TransportError, VersionMismatch
-from halo_p2p.net.swarmkey import ReplayGuard, sign, verify
+from halo_p2p.errors import ConfigError, HaloError, TransportError
+from halo_p2p.net.admission import Admission, RefusalLog, source_key
+from halo_p2p.net.signaling_client import (
+    MAX_FRAME_BYTES,
+    SIGNALING_PROTOCOL,
+    Refusal,
+    close_stream,
+    connect,
+    read_frame,
+    receive_frame,
+    sign_message,
+    verify_message,
+    write_frame,
+)
+from halo_p2p.net.swarmkey import ReplayGuard
 from halo_p2p.net.webrtc import Handshake, WebRtcLink
-from halo_p2p.wire.codec import decode, encode
 from halo_p2p.wire.messages import Message, SignalAnswer, SignalOffer, SignalRefused
 
 __all__ = [
@@ -66,88 +99,39 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SIGNALING_PROTOCOL: Final = 1
-"""Version of this offer/answer exchange (the ``protocol`` field); peers must match exactly."""
-
-MAX_FRAME_BYTES: Final = 64 << 10
-"""Largest signaling frame accepted, in bytes (an SDP with a few candidates takes about 1 KB)."""
-
-_KEY_FIX: Final = ("copy ~/.config/halo-p2p/swarm.key from a device of the swarm to this one, "
-                   "or pass the same --swarm-key everywhere")
-_ANSWER_GUARD = ReplayGuard()   # answers this process accepted (per-process; answers are rare)
-
 OnLink = Callable[[WebRtcLink, str], Awaitable[None]]
 
 
-class _Refuse(Exception):
-    """A refusal: machine code and one-line reason."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
-def sign_message(msg: Any, key: bytes) -> Any:
-    """``msg`` (a SignalOffer or SignalAnswer) with ``mac`` set: HMAC-SHA256 of its frame with ``mac=""``."""
-    return dataclasses.replace(msg, mac=sign(key, encode(dataclasses.replace(msg, mac=""))))
+_BACKLOG: Final = 1024   # listen backlog: a flood must not fill the accept queue (a dropped SYN waits 1 s)
+_QUIET_CAUSES: Final = frozenset({"timeout", "closed", "bad_frame", "oversize", "busy", "address_limit",
+                                  "pending_limit"})
+"""Refusal causes any device can produce (logged at INFO); the others (auth, replay, version, bad_sdp)
+point at a misconfigured peer (WARNING)."""
+_EVICTED_BECAUSE: Final = {"address_limit": "from this address", "pending_limit": "in all"}
 
 
-def verify_message(msg: Any, key: bytes) -> bool:
-    """Whether ``msg.mac`` is valid under ``key`` (constant-time comparison)."""
-    return verify(key, encode(dataclasses.replace(msg, mac="")), msg.mac)
+class _Pending:
+    """A connection until its first frame arrives (an :class:`Admission` entry)."""
 
+    __slots__ = ("evicted", "reader", "source", "writer")
 
-async def write_frame(writer: asyncio.StreamWriter, msg: Message) -> None:
-    """Write one length-prefixed frame and drain the stream."""
-    frame = encode(msg)
-    writer.write(len(frame).to_bytes(4, "big") + frame)
-    await writer.drain()
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
+        self.reader, self.writer, self.source = reader, writer, source
+        self.evicted: str | None = None
 
-
-async def read_frame(reader: asyncio.StreamReader, *, timeout_s: float,
-                     max_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """Read one length-prefixed frame, waiting at most ``timeout_s`` seconds.
-
-    Raises:
-        TransportError: timeout, end of stream, a length over ``max_bytes`` (nothing more is
-            read), or bytes that are not a frame of this wire version.
-    """
-    try:
-        return await _read_frame(reader, timeout_s=timeout_s, max_bytes=max_bytes)
-    except _Refuse as refusal:
-        raise TransportError(f"bad signaling frame ({refusal.code}): {refusal.reason}") from None
-
-
-async def _read_frame(reader: asyncio.StreamReader, *, timeout_s: float, max_bytes: int) -> Message:
-    try:
-        async with asyncio.timeout(timeout_s):
-            size = int.from_bytes(await reader.readexactly(4), "big")
-            if size > max_bytes:
-                raise _Refuse("oversize", f"frame of {size} bytes exceeds the {max_bytes}-byte limit")
-            body = await reader.readexactly(size)
-    except TimeoutError:
-        raise _Refuse("timeout", f"no complete frame within {timeout_s:g} s") from None
-    except asyncio.IncompleteReadError as exc:
-        raise _Refuse("bad-frame", f"stream ended after {len(exc.partial)} bytes") from None
-    except ConnectionError as exc:
-        raise _Refuse("bad-frame", f"connection lost: {exc}") from None
-    try:
-        return decode(body)
-    except VersionMismatch as exc:
-        raise _Refuse("version", str(exc)) from None
-    except DecodeError as exc:
-        raise _Refuse("bad-frame", str(exc)[:200]) from None
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(1.0):
-            await writer.wait_closed()
+    def evict(self, cause: str) -> None:
+        """Make its read end now, as at the end of the stream (the refusal is still written)."""
+        self.evicted = cause
+        transport = self.writer.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            transport.pause_reading()   # no data may follow the EOF fed below
+        self.reader.feed_eof()
 
 
 class SignalingServer:
     """Answers signed offers on a TCP port and hands each resulting link to ``on_link``.
+
+    Abuse limits: see the module docstring.
 
     Args:
         peer_id: this peer's id (sent in answers).
@@ -157,26 +141,45 @@ class SignalingServer:
         port: TCP port; 0 picks a free one (see :meth:`start`).
         on_link: ``await on_link(link, offer_peer_id)`` once both channels are open. It should
             hand the link off and return; it is cancelled (and the link closed) by :meth:`aclose`.
-        read_timeout_s: longest wait for an offer, in seconds.
+        read_timeout_s: deadline for the offer frame, in seconds after the TCP accept.
         handshake_timeout_s: longest wait for the channels to open after answering, in seconds.
-        max_connections: connections handled at once; more are refused with code ``busy``.
+        max_pending: connections waiting for their first frame, above which the oldest (if
+            pending for 0.25 s) is dropped (``busy``) for a new one; 4x this is a hard cap.
+        max_pending_per_address: the same per source address (IPv4 address, IPv6 /64).
+        max_handshakes: authenticated handshakes at once (only key holders get here); more are
+            refused with ``busy``.
+        log_interval_s: refusals of one cause are logged once in full and then summed up in one
+            line per this many seconds.
 
     Attributes:
-        stats: counters for the peer's status view: ``refused_<code>`` per refusal
+        stats: counters for the peer's status view: ``refused_<cause>`` per refusal
             (``auth``, ``replay``, ``version``, ``oversize``, ``bad_frame``, ``bad_sdp``,
-            ``timeout``, ``busy``), ``peer_connections`` created, ``accepted`` links and
-            ``failed`` handshakes.
+            ``timeout``, ``busy``; ``closed``: the stream ended before a byte; ``address_limit``
+            and ``pending_limit``: dropped for newer connections, sent ``busy``),
+            ``peer_connections`` created, ``accepted`` links and ``failed`` handshakes.
+
+    Raises:
+        ConfigError: a limit or timeout is out of range.
     """
 
     def __init__(self, peer_id: str, name: str, swarm_key: bytes, *, host: str, port: int = 0,
-                 on_link: OnLink, read_timeout_s: float = 5.0, handshake_timeout_s: float = 10.0,
-                 max_connections: int = 32) -> None:
+                 on_link: OnLink, read_timeout_s: float = 1.0, handshake_timeout_s: float = 10.0,
+                 max_pending: int = 64, max_pending_per_address: int = 4, max_handshakes: int = 32,
+                 log_interval_s: float = 10.0) -> None:
+        if not (read_timeout_s > 0 and handshake_timeout_s > 0 and max_handshakes >= 1):
+            raise ConfigError("SignalingServer timeouts or max_handshakes are out of range",
+                              "use positive timeouts and max_handshakes >= 1")
         self.peer_id, self.name = peer_id, name
         self._key = swarm_key
         self._host, self._port = host, port
         self._on_link = on_link
         self._read_timeout_s, self._handshake_timeout_s = read_timeout_s, handshake_timeout_s
-        self._max_connections = max_connections
+        self._admission: Admission[_Pending] = Admission(max_pending=max_pending,
+                                                         max_per_source=max_pending_per_address)
+        self._max_handshakes, self._handshakes = max_handshakes, 0
+        self._refusals = RefusalLog(log, interval_s=log_interval_s)
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._replay = ReplayGuard()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -197,7 +200,7 @@ class SignalingServer:
             TransportError: the address cannot be bound.
         """
         try:
-            self._server = await asyncio.start_server(self._handle, self._host, self._port)
+            self._server = await asyncio.start_server(self._handle, self._host, self._port, backlog=_BACKLOG)
         except OSError as exc:
             raise TransportError(f"cannot listen for signaling on {self._host}:{self._port}: {exc.strerror}",
                                  "pick another --port or address") from None
@@ -206,13 +209,19 @@ class SignalingServer:
         return self._port
 
     async def aclose(self) -> None:
-        """Stop listening and cancel handshakes in progress (and their ``on_link``); idempotent."""
+        """Stop listening, cancel handshakes in progress (and their ``on_link``), log the refusals
+        not yet summed up; idempotent."""
         if self._server is not None:
             self._server.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for timer in (self._flush_timer, self._sweep_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_timer = self._sweep_timer = None
+        self._refusals.flush(force=True)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -225,154 +234,133 @@ class SignalingServer:
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        conn = _Pending(reader, writer, source_key(peer))
+        for victim, cause in self._admission.admit(conn, conn.source):
+            victim.evict(cause)
+        self._arm_sweep()
         try:
-            await self._serve(reader, writer, where)
+            await self._serve(conn, where)
         except asyncio.CancelledError:
             pass   # only aclose() cancels; ending normally keeps asyncio's stream callback quiet
         except Exception:
             log.exception("signaling connection from %s failed", where)
         finally:
+            self._admission.release(conn)
             self._tasks.discard(task)
             if not writer.is_closing():
-                await _close(writer)
+                await close_stream(writer)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, where: str, refusal: _Refuse, claimed: str) -> None:
-        self.stats[f"refused_{refusal.code.replace('-', '_')}"] += 1
-        log.warning("refused signaling offer from %s%s: %s (%s)", where, claimed, refusal.reason, refusal.code)
+    async def _refuse(self, conn: _Pending, where: str, refusal: Refusal, claimed: str) -> None:
+        self.stats[f"refused_{refusal.cause}"] += 1
+        self._refusals.refused(refusal.cause, conn.source,
+                               f"refused signaling offer from {where}{claimed}: {refusal.reason} ({refusal.cause})",
+                               level=logging.INFO if refusal.cause in _QUIET_CAUSES else logging.WARNING)
+        self._arm_flush()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                await write_frame(writer, SignalRefused(code=refusal.code, reason=refusal.reason))
-        await _close(writer)
+                await write_frame(conn.writer, SignalRefused(code=refusal.code, reason=refusal.reason))
+        await close_stream(conn.writer)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> None:
+    def _arm_sweep(self) -> None:
+        due_s = self._admission.sweep_due_in_s()
+        if self._sweep_timer is None and due_s is not None:
+            self._sweep_timer = asyncio.get_running_loop().call_later(max(due_s, 0.01), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        for victim, cause in self._admission.sweep():
+            victim.evict(cause)
+        self._arm_sweep()
+
+    def _arm_flush(self) -> None:
+        due_s = self._refusals.due_in_s()
+        if self._flush_timer is None and due_s is not None:
+            self._flush_timer = asyncio.get_running_loop().call_later(max(due_s, 0.01), self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        self._refusals.flush()
+        self._arm_flush()
+
+    async def _first_frame(self, conn: _Pending) -> Message:
+        """The offer frame, within the deadline; a refusal if it fails or the connection was evicted."""
+        try:
+            return await receive_frame(conn.reader, timeout_s=self._read_timeout_s, max_bytes=MAX_FRAME_BYTES)
+        except Refusal:
+            if conn.evicted is None:
+                raise
+            limit = self._admission.max_per_source if conn.evicted == "address_limit" else self._admission.max_pending
+            raise Refusal("busy", f"dropped for a newer connection: at most {limit} may wait "
+                                  f"{_EVICTED_BECAUSE[conn.evicted]}", cause=conn.evicted) from None
+        finally:
+            self._admission.release(conn)
+
+    async def _serve(self, conn: _Pending, where: str) -> None:
         claimed = ""
         try:
-            if len(self._tasks) > self._max_connections:
-                raise _Refuse("busy", f"more than {self._max_connections} signaling connections at once")
-            offer = await _read_frame(reader, timeout_s=self._read_timeout_s, max_bytes=MAX_FRAME_BYTES)
+            offer = await self._first_frame(conn)
             if not isinstance(offer, SignalOffer):
-                raise _Refuse("bad-frame", f"expected SignalOffer, got {type(offer).__name__}")
+                raise Refusal("bad-frame", f"expected SignalOffer, got {type(offer).__name__}")
             claimed = f" (claims to be {offer.peer_id!r:.80})"
-            if not verify_message(offer, self._key):
-                raise _Refuse("auth", "bad MAC: the offer was not signed with this swarm's key")
+            try:
+                authentic = verify_message(offer, self._key)
+            except Exception as exc:   # a decoded offer that does not encode again: a codec bug, not a key
+                raise Refusal("bad-frame", f"offer cannot be re-encoded ({type(exc).__name__})") from None
+            if not authentic:
+                raise Refusal("auth", "bad MAC: the offer was not signed with this swarm's key")
             reason = self._replay.check(offer.nonce, offer.sent_s)
             if reason is not None:
-                raise _Refuse("replay", reason)
+                raise Refusal("replay", reason)
             if offer.protocol != SIGNALING_PROTOCOL:
-                raise _Refuse("version", f"offer speaks signaling protocol {offer.protocol}, this peer speaks "
+                raise Refusal("version", f"offer speaks signaling protocol {offer.protocol}, this peer speaks "
                                          f"{SIGNALING_PROTOCOL}; upgrade the older peer")
-        except _Refuse as refusal:
-            await self._refuse(writer, where, refusal, claimed)
+            if self._handshakes >= self._max_handshakes:
+                raise Refusal("busy", f"{self._max_handshakes} handshakes in progress; try again")
+        except Refusal as refusal:
+            await self._refuse(conn, where, refusal, claimed)
             return
-        self.stats["peer_connections"] += 1
+        self._handshakes += 1
         try:
-            handshake = await Handshake.answer(offer.sdp)
-        except TransportError as exc:
-            await self._refuse(writer, where, _Refuse("bad-sdp", exc.problem), claimed)
-            return
-        link: WebRtcLink | None = None
-        try:
-            answer = sign_message(SignalAnswer(
-                peer_id=self.peer_id, name=self.name, protocol=SIGNALING_PROTOCOL, nonce=secrets.token_hex(16),
-                offer_nonce=offer.nonce, sent_s=time.time(), sdp=handshake.local_sdp, mac=""), self._key)
-            async with asyncio.timeout(self._read_timeout_s):
-                await write_frame(writer, answer)
-            await _close(writer)
-            link = await handshake.open(local_id=self.peer_id, remote_id=offer.peer_id,
-                                        timeout_s=self._handshake_timeout_s)
-        except (TransportError, OSError, TimeoutError) as exc:
-            self.stats["failed"] += 1
-            log.warning("link with %r (%s) failed to open: %s", offer.peer_id, where, exc)
-            return
+            link = await self._answer(conn, offer, where, claimed)
         finally:
-            if link is None:
-                await handshake.abort()
-        self.stats["accepted"] += 1
-        log.info("link with %r (%s, %s) open", offer.peer_id, offer.name, where)
+            self._handshakes -= 1
+        if link is None:
+            return
         try:
             await self._on_link(link, offer.peer_id)
         except BaseException:
             await link.aclose()
             raise
 
-
-async def connect(host: str, port: int, *, peer_id: str, name: str, swarm_key: bytes, timeout_s: float = 10.0,
-                  expect_peer_id: str | None = None, **link_options: Any) -> WebRtcLink:
-    """Offer a link to the peer listening at ``host:port`` and return it once both channels are open.
-
-    Args:
-        host, port: the peer's signaling endpoint.
-        peer_id, name: this peer's id and human-readable name.
-        swarm_key: the raw 32-byte swarm key.
-        timeout_s: longest wait for the whole setup, in seconds.
-        expect_peer_id: if set, refuse an answer from any other peer id.
-        **link_options: keyword arguments of :class:`~halo_p2p.net.webrtc.WebRtcLink`.
-
-    Raises:
-        AuthError: the peer refused our key, its answer has a bad MAC (a different key), is
-            stale or replayed, or comes from an unexpected peer id.
-        TransportError: unreachable, refused for another reason, timed out, or ICE/DTLS failed.
-        ConfigError: ICE host addresses are not pinned (see ``pin_host_addresses``).
-    """
-    where = f"{host}:{port}"
-    handshake: Handshake | None = None
-    try:
-        async with asyncio.timeout(timeout_s):
-            handshake = await Handshake.offer()
-            offer = sign_message(SignalOffer(
-                peer_id=peer_id, name=name, protocol=SIGNALING_PROTOCOL, nonce=secrets.token_hex(16),
-                sent_s=time.time(), sdp=handshake.local_sdp, mac=""), swarm_key)
-            try:
-                reader, writer = await asyncio.open_connection(host, port)
-            except OSError as exc:
-                raise TransportError(f"cannot reach peer at {where}: {exc.strerror or exc}",
-                                     "check that halo-peer runs there and that the port is open") from None
-            try:
-                await write_frame(writer, offer)
-                reply = await _read_frame(reader, timeout_s=timeout_s, max_bytes=MAX_FRAME_BYTES)
-            except _Refuse as refusal:
-                raise TransportError(f"peer at {where} sent no valid answer ({refusal.code}): {refusal.reason}",
-                                     "check that both peers run the same halo-p2p version") from None
-            except ConnectionError as exc:
-                raise TransportError(f"peer at {where} dropped the signaling connection: {exc}") from None
-            finally:
-                await _close(writer)
-            link = await _finish(handshake, reply, offer, swarm_key, where=where, peer_id=peer_id,
-                                   expect_peer_id=expect_peer_id, timeout_s=timeout_s, link_options=link_options)
-            handshake = None
-            return link
-    except TimeoutError:
-        raise TransportError(f"connecting to peer at {where} timed out after {timeout_s:g} s",
-                             "check that the peer is up and reachable over TCP and UDP") from None
-    finally:
-        if handshake is not None:
-            await handshake.abort()
-
-
-async def _finish(handshake: Handshake, reply: Message, offer: SignalOffer, swarm_key: bytes, *, where: str,
-                  peer_id: str, expect_peer_id: str | None, timeout_s: float,
-                  link_options: dict[str, Any]) -> WebRtcLink:
-    """Check the reply to ``offer``, apply the answer and open the link."""
-    if isinstance(reply, SignalRefused):
-        if reply.code == "auth":
-            raise AuthError(f"peer at {where} refused our swarm key: {reply.reason}", _KEY_FIX)
-        fix = "upgrade the older peer" if reply.code == "version" else "try again; see the peer's log"
-        raise TransportError(f"peer at {where} refused the connection ({reply.code}): {reply.reason}", fix)
-    if not isinstance(reply, SignalAnswer):
-        raise TransportError(f"peer at {where} replied with {type(reply).__name__}, not an answer",
-                             "check that both peers run the same halo-p2p version")
-    who = f"peer {reply.peer_id!r:.80} at {where}"
-    if not verify_message(reply, swarm_key):
-        raise AuthError(f"{who} answered with a bad MAC: it holds a different swarm key", _KEY_FIX)
-    if reply.offer_nonce != offer.nonce:
-        raise AuthError(f"{who} answered another offer (a replayed answer)", "try again")
-    reason = _ANSWER_GUARD.check(reply.nonce, reply.sent_s)
-    if reason is not None:
-        raise AuthError(f"{who} sent a stale answer: {reason}", "synchronize the clocks (NTP) and try again")
-    if reply.protocol != SIGNALING_PROTOCOL:
-        raise TransportError(f"{who} speaks signaling protocol {reply.protocol}, this peer speaks "
-                             f"{SIGNALING_PROTOCOL}", "upgrade the older peer")
-    if expect_peer_id is not None and reply.peer_id != expect_peer_id:
-        raise AuthError(f"{who} is not the expected peer {expect_peer_id!r}", "check the address of the peer")
-    await handshake.accept_answer(reply.sdp)
-    return await handshake.open(local_id=peer_id, remote_id=reply.peer_id, timeout_s=timeout_s, **link_options)
+    async def _answer(self, conn: _Pending, offer: SignalOffer, where: str, claimed: str) -> WebRtcLink | None:
+        """Answer an authenticated offer and open the link; None if that failed (counted and logged)."""
+        self.stats["peer_connections"] += 1
+        try:
+            handshake = await Handshake.answer(offer.sdp)
+        except TransportError as exc:
+            await self._refuse(conn, where, Refusal("bad-sdp", exc.problem), claimed)
+            return None
+        except (HaloError, OSError) as exc:    # local: ICE not pinned, no sockets left
+            self.stats["failed"] += 1
+            log.warning("cannot answer %r (%s): %s", offer.peer_id, where, exc)
+            return None
+        link: WebRtcLink | None = None
+        try:
+            answer = sign_message(SignalAnswer(
+                peer_id=self.peer_id, name=self.name, protocol=SIGNALING_PROTOCOL, nonce=secrets.token_hex(16),
+                offer_nonce=offer.nonce, sent_s=time.time(), sdp=handshake.local_sdp, mac=""), self._key)
+            async with asyncio.timeout(self._read_timeout_s):
+                await write_frame(conn.writer, answer)
+            await close_stream(conn.writer)
+            link = await handshake.open(local_id=self.peer_id, remote_id=offer.peer_id,
+                                        timeout_s=self._handshake_timeout_s)
+        except (TransportError, OSError, TimeoutError) as exc:
+            self.stats["failed"] += 1
+            log.warning("link with %r (%s) failed to open: %s", offer.peer_id, where, exc)
+            return None
+        finally:
+            if link is None:
+                await handshake.abort()
+        self.stats["accepted"] += 1
+        log.info("link with %r (%s, %s) open", offer.peer_id, offer.name, where)
+        return link

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +47,7 @@ from typing import Any, Final
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InvalidStateError
+from aiortc.sdp import SessionDescription
 
 from halo_p2p.errors import ConfigError, LinkClosed, TransportError, WireError
 from halo_p2p.net.heartbeat import HeartbeatEstimator
@@ -119,7 +121,10 @@ class Handshake:
             if offer_sdp is not None:
                 await _set_remote(pc, offer_sdp, "offer")
             hs = cls(pc)
-            await pc.setLocalDescription(await (pc.createOffer() if offer_sdp is None else pc.createAnswer()))
+            if offer_sdp is None:
+                await pc.setLocalDescription(await pc.createOffer())
+            else:
+                await _answer_remote(pc)
         except BaseException:
             await pc.close()
             raise
@@ -181,14 +186,54 @@ class Handshake:
         await self._pc.close()
 
 
+_SDP_FIX: Final = "the peer runs an incompatible version"
+
+
 async def _set_remote(pc: RTCPeerConnection, sdp: str, kind: str) -> None:
+    """Apply the peer's SDP ``kind`` ("offer" or "answer"); any failure is a TransportError."""
     try:
+        _check_remote_sdp(sdp, kind)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError, InvalidStateError) as exc:
-        raise TransportError(f"unusable SDP {kind}: {exc}", "the peer runs an incompatible version") from exc
-    if pc.sctp is None or "m=application" not in sdp:
-        raise TransportError(f"unusable SDP {kind}: no data-channel (m=application) section",
-                             "the peer runs an incompatible version")
+    except TransportError:
+        raise
+    except Exception as exc:   # aiortc parses with asserts, int() and indexing: any failure means a bad SDP
+        raise TransportError(f"unusable SDP {kind}: {type(exc).__name__}: {exc!s:.200}", _SDP_FIX) from exc
+    if pc.sctp is None:
+        raise TransportError(f"unusable SDP {kind}: no data-channel (m=application) section", _SDP_FIX)
+
+
+async def _answer_remote(pc: RTCPeerConnection) -> None:
+    """Answerer side: create and apply the answer to the remote offer (which may still not fit)."""
+    try:
+        await pc.setLocalDescription(await pc.createAnswer())
+    except OSError:
+        raise                  # local: no socket for ICE
+    except Exception as exc:   # e.g. "Media sections in answer do not match offer"
+        raise TransportError(f"unusable SDP offer: no answer fits it ({type(exc).__name__}: {exc!s:.200})",
+                             _SDP_FIX) from exc
+
+
+def _check_remote_sdp(sdp: str, kind: str) -> None:
+    """What aiortc accepts but later fails on in a background task: exactly one data-channel
+    section, an SCTP port and candidate ports in 1..65535, candidates on IP addresses.
+
+    Raises:
+        TransportError: the SDP is not of that shape (other exceptions: unparsable).
+    """
+    media = SessionDescription.parse(sdp).media
+    problem = None
+    if len(media) != 1 or media[0].kind != "application" or "m=application" not in sdp:
+        problem = "no data-channel (m=application) section" if not media else "not exactly one data-channel section"
+    else:
+        port = int(media[0].fmt[0]) if media[0].profile == "DTLS/SCTP" else media[0].sctp_port
+        if port is None or not 0 < port < 65536:
+            problem = f"SCTP port {port} is not in 1..65535"
+        for candidate in media[0].ice_candidates:
+            ipaddress.ip_address(candidate.ip)
+            if not (0 < candidate.port < 65536 and candidate.component == 1):
+                problem = f"ICE candidate {candidate.ip}:{candidate.port} (component {candidate.component}) is unusable"
+    if problem is not None:
+        raise TransportError(f"unusable SDP {kind}: {problem}", _SDP_FIX)
 
 
 class WebRtcLink:
