@@ -1,11 +1,21 @@
 """The engine of a split model: one :class:`~halo_p2p.engine.protocol.Engine` that owns its links.
 
 :class:`SplitEngine` runs the current session's :class:`~halo_p2p.session.coordinator.Coordinator`
-and survives lost workers: when a worker's link closes, a ``strict`` or ``strict-unreliable``
+and survives lost workers: when a worker's link closes, or it falls silent for
+``peer_silence_s`` (:mod:`~halo_p2p.session.liveness`), a ``strict`` or ``strict-unreliable``
 coordinator raises :class:`~halo_p2p.errors.PeerLost` at once; a ``halo`` coordinator counts the worker's groups as
-missing from the next deadline on and finishes the token. Either way the engine then builds a new
+missing and finishes the token. Either way the engine then builds a new
 coordinator (new session id, new plan without the lost peers), recomputes the KV caches of the
 new plan by replaying the ids forwarded so far, and carries on, so no generation hangs.
+
+A worker lost by silence may come back (a frozen process resumed, a link that recovered): the
+engine watches its link (heartbeats heard again for ``peer_silence_s``, or any frame on a link
+without heartbeats) and, once the link has closed, dials it again through ``rejoin`` (the
+node's connector). A returned worker rejoins the plan at the start of the next forward pass (a
+re-plan with it, and the replay), at most ``max_returns`` times per worker. Each forward pass
+leaves one :class:`~halo_p2p.session.records.StepRecord` (with its wall time, detection and
+re-plan included) and each re-plan a :class:`~halo_p2p.session.records.ReplanEvent` (why, whom,
+its cost), which :meth:`SplitEngine.status` returns for ``--json``.
 
 It owns what the session runs on: the links to the workers, the node it coordinates from and, in
 an emulated swarm, the worker peers of this process; :meth:`SplitEngine.aclose` closes them all.
@@ -16,18 +26,23 @@ the benchmarks read. Build one with :func:`halo_p2p.session.setup.open_split_ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from halo_p2p.errors import PeerLost, TransportError
+from halo_p2p.errors import LinkClosed, PeerLost, TransportError
 from halo_p2p.model.config import ModelConfig
-from halo_p2p.net.link import Link, LinkStats
+from halo_p2p.net.link import Link, LinkStats, recv_timeout
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import Coordinator
+from halo_p2p.session.liveness import Heartbeats
+from halo_p2p.session.records import ReplanEvent
 from halo_p2p.session.sync import StepRecord, mean_recall
 
 __all__ = [
@@ -36,6 +51,8 @@ __all__ = [
     "LinkStatus",
     "PeerHost",
     "RecordsSummary",
+    "Rejoin",
+    "ReplanEvent",
     "SplitEngine",
     "SplitStatus",
     "release",
@@ -43,8 +60,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CoordinatorFactory = Callable[[frozenset[str], int], Awaitable[Coordinator]]
-"""Builds and starts a coordinator for a session id without the given lost peers."""
+CoordinatorFactory = Callable[[frozenset[str], int, Mapping[str, Link]], Awaitable[Coordinator]]
+"""``await factory(lost, session, links)``: builds and starts a coordinator for a session id over
+``links`` (worker peer id -> link), without the ``lost`` peers."""
+
+Rejoin = Callable[[str], Awaitable[Link]]
+"""``await rejoin(peer_id)``: a new link to a lost worker whose link closed (the node dials it
+again); raises if it cannot."""
 
 _REPLAY_CHUNK = 256
 
@@ -125,11 +147,13 @@ class SplitStatus:
         wire_dtype: activation format on the wire.
         links: worker peer id -> its link's counters, for the workers of the current plan.
         counters: the coordinator's dropped / malformed / late / stale message counts.
-        records: the current session's step records (the prompt first).
+        records: one step record per forward pass of the engine (the prompt first), across
+            re-plans (each names its session; replays are not recorded).
         summary: means over ``records``.
-        replans: re-plans so far (a lost worker, a refused plan).
+        replans: re-plans so far that left workers out (a lost worker, a refused plan).
         moved_groups: groups that changed owner over all re-plans.
         lost: peers left out.
+        events: every re-plan (workers lost or returning), in order, with its cost.
         weight_bytes: peer id -> resident weight bytes (the coordinator's includes the trunk),
             when every worker runs in this process (an emulated swarm); else None.
     """
@@ -146,6 +170,7 @@ class SplitStatus:
     moved_groups: int
     lost: frozenset[str]
     weight_bytes: Mapping[str, int] | None
+    events: tuple[ReplanEvent, ...] = ()
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -181,22 +206,37 @@ class SplitEngine:
         node: what the coordinator runs on (its :class:`~halo_p2p.node.peer.PeerNode`); closed
             after the links, if given.
         members: worker peers running in this process (an emulated swarm); closed last.
-        max_replans: give up (raise TransportError) after this many re-plans in one session.
+        max_replans: give up (raise TransportError) after this many re-plans that lose workers.
+        rejoin: dials a lost worker again once its link closed (None: a closed link stays lost).
+        max_returns: how many times one worker lost by silence may rejoin.
+        watch_interval_s: how often a lost worker's link is looked at (and a closed one dialed
+            again), seconds.
+        silence_s: how long a returning worker's link must have heard it steadily before it
+            rejoins (a link with heartbeats), seconds.
     """
 
     def __init__(self, factory: CoordinatorFactory, *, links: Mapping[str, Link], node: Closeable | None = None,
-                 members: Sequence[PeerHost] = (), max_replans: int = 8) -> None:
+                 members: Sequence[PeerHost] = (), max_replans: int = 8, rejoin: Rejoin | None = None,
+                 max_returns: int = 2, watch_interval_s: float = 0.25, silence_s: float = 1.0) -> None:
         self._factory = factory
         self._links = dict(links)
         self._node = node
         self._members = tuple(members)
         self.max_replans = max_replans
+        self._rejoin = rejoin
+        self.max_returns = max_returns
+        self._watch_s, self._silence_s = watch_interval_s, silence_s
         self._coordinator: Coordinator | None = None
         self.lost: set[str] = set()
         self.replans = 0
         self.moved_groups = 0          # groups that changed owner over all re-plans
         self.session = 0
+        self.events: list[ReplanEvent] = []
+        self._records: list[StepRecord] = []     # one per forward pass, across sessions
         self._history: list[int] = []    # ids at positions [0, len) as last forwarded
+        self._watchers: dict[str, asyncio.Task[None]] = {}   # lost-by-silence peer -> its watch
+        self._returned: set[str] = set()          # lost peers alive again: they rejoin at the next pass
+        self._returns: Counter[str] = Counter()
 
     @property
     def coordinator(self) -> Coordinator:
@@ -220,12 +260,17 @@ class SplitEngine:
         """The worker peers running in this process (an emulated swarm; empty otherwise)."""
         return self._members
 
+    @property
+    def returned(self) -> frozenset[str]:
+        """Lost workers seen alive again, rejoining at the next forward pass."""
+        return frozenset(self._returned)
+
     async def start(self) -> None:
         """Build the first coordinator; workers that refuse the plan are left out (PeerLost)."""
         while True:
             self.session += 1
             try:
-                self._coordinator = await self._factory(frozenset(self.lost), self.session)
+                self._coordinator = await self._factory(frozenset(self.lost), self.session, self._links)
                 return
             except PeerLost as exc:
                 self.replans += 1
@@ -243,30 +288,56 @@ class SplitEngine:
         return self.coordinator.max_seq_len
 
     async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
-        """See :meth:`Coordinator.forward`; re-plans and retries when a worker is lost."""
+        """See :meth:`Coordinator.forward`; re-plans and retries when a worker is lost, and
+        first re-plans with lost workers that came back."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         del self._history[start_pos:]
         self._history.extend(int(t) for t in token_ids)
+        if self._returned:
+            await self._replan([], {}, replay_upto=start_pos)
         while True:
             coordinator = self.coordinator
             try:
                 out = await coordinator.forward(token_ids, start_pos, all_logits=all_logits)
             except PeerLost as exc:
-                await self._replan(exc.peers, replay_upto=start_pos)
+                await self._replan(exc.peers, coordinator.silent, replay_upto=start_pos)
                 continue
+            record = coordinator.records[-1]
             if coordinator.dead:          # halo finished the token without them
-                await self._replan(sorted(coordinator.dead), replay_upto=start_pos + len(token_ids))
+                await self._replan(sorted(coordinator.dead), coordinator.silent,
+                                   replay_upto=start_pos + len(token_ids))
+            record.session, record.wall_s = coordinator.session, loop.time() - t0
+            self._records.append(record)
             return out
 
-    async def _replan(self, peers: list[str], *, replay_upto: int) -> None:
-        self.replans += 1
-        if self.replans > self.max_replans:
-            raise TransportError(f"re-planned {self.max_replans} times in one session",
-                                 "the swarm is unstable; check the peers' links")
+    async def _replan(self, peers: Sequence[str], silent: Mapping[str, float], *, replay_upto: int) -> None:
+        """A new session without ``peers`` (``silent``: those lost by silence, and for how
+        long) and with the workers that returned; replays the context up to ``replay_upto``."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        if peers:
+            self.replans += 1
+            if self.replans > self.max_replans:
+                raise TransportError(f"re-planned {self.max_replans} times in one session",
+                                     "the swarm is unstable; check the peers' links")
+        back = sorted(p for p in self._returned if not self._links[p].closed)
+        for peer in self._returned.difference(back):     # its link closed again before it rejoined
+            self._returns[peer] -= 1
+            self._watch_later(peer)
+        self._returned.clear()
+        if not peers and not back:
+            return
         self.lost.update(peers)
-        log.warning("re-planning without %s (re-plan %d)", ", ".join(peers), self.replans)
+        self.lost.difference_update(back)
+        log.warning("re-planning%s%s (re-plan %d)", f" without {', '.join(peers)}" if peers else "",
+                    f" with {', '.join(back)} again" if back else "", self.replans)
         old = self._coordinator
         if old is not None:
             await old.aclose()
+        for peer in peers:             # its link is free now: watch it for a sign of life
+            if peer in silent and self._returns[peer] < self.max_returns:
+                self._watch_later(peer)
         await self.start()
         new = self.coordinator
         if old is not None:                    # groups whose owner changed (shown by chat and --json)
@@ -275,6 +346,65 @@ class SplitEngine:
         history = self._history[:replay_upto]
         for c0 in range(0, len(history), _REPLAY_CHUNK):
             await new.forward(history[c0:c0 + _REPLAY_CHUNK], c0)
+        self.events.append(ReplanEvent(
+            session=self.session, record_index=len(self._records), reason="lost" if peers else "returned",
+            peers=tuple(peers) if peers else tuple(back),
+            silent_s=max((silent[p] for p in peers if p in silent), default=None),
+            cost_s=loop.time() - t0, replayed_tokens=len(history)))
+
+    def _watch_later(self, peer: str) -> None:
+        if peer not in self._watchers:
+            self._watchers[peer] = asyncio.create_task(self._watch(peer), name=f"watch-{peer}")
+
+    async def _watch(self, peer: str) -> None:
+        """Wait until lost worker ``peer`` is alive again, then mark it returned."""
+        try:
+            if await self._heard_again(peer) or await self._dial_again(peer):
+                self._returns[peer] += 1
+                self._returned.add(peer)
+                log.info("worker %s is back: it rejoins at the next forward pass", peer)
+        finally:
+            self._watchers.pop(peer, None)
+
+    async def _heard_again(self, peer: str) -> bool:
+        """Whether ``peer``'s open link shows life again before it closes: its heartbeats heard
+        steadily for ``silence_s`` (a link with heartbeats), else any frame arriving (stale
+        answers are dropped here: no coordinator reads this link now)."""
+        link = self._links[peer]
+        lost_at = time.monotonic()
+        back_since: float | None = None
+        while not link.closed:
+            try:
+                got = await recv_timeout(link, self._watch_s)
+            except LinkClosed:
+                return False
+            if not isinstance(link, Heartbeats):
+                if got is not None:
+                    return True
+                continue
+            now = time.monotonic()
+            if link.last_heard_s > lost_at and now - link.last_heard_s < self._silence_s:
+                back_since = now if back_since is None else back_since
+                if now - back_since >= self._silence_s:
+                    return True
+            else:
+                back_since = None
+        return False
+
+    async def _dial_again(self, peer: str) -> bool:
+        """Dial ``peer`` again through ``rejoin`` until it answers (False without ``rejoin``)."""
+        if self._rejoin is None:
+            return False
+        while True:
+            try:
+                link = await self._rejoin(peer)
+            except Exception as exc:       # any failure: still gone, try again later
+                log.debug("worker %s not back yet: %s", peer, exc)
+                await asyncio.sleep(4 * self._watch_s)
+                continue
+            await self._links[peer].aclose()
+            self._links[peer] = link
+            return True
 
     def status(self) -> SplitStatus:
         """A snapshot: plan, sync mode, wire dtype, links, counters, records, re-plans."""
@@ -283,15 +413,20 @@ class SplitEngine:
         if self._members:
             own = c.trunk.weight_bytes() + (c.local.weight_bytes() if c.local is not None else 0)
             weights = {c.plan.coordinator: own, **{m.peer_id: m.weight_bytes() for m in self._members}}
-        records = tuple(c.records)
+        records = tuple(self._records)
         return SplitStatus(session=self.session, plan=c.plan, mode=c.options.mode, wire_dtype=c.options.wire_dtype,
                            links={p: LinkStatus.of(link.stats) for p, link in c.links.items()},
                            counters=dict(c.counters), records=records, summary=RecordsSummary.of(records),
                            replans=self.replans, moved_groups=self.moved_groups, lost=frozenset(self.lost),
-                           weight_bytes=weights)
+                           weight_bytes=weights, events=tuple(self.events))
 
     async def aclose(self) -> None:
-        """Close the coordinator, the links, the node and the members; idempotent."""
+        """Stop watching lost workers; close the coordinator, the links, the node and the members; idempotent."""
+        watchers = list(self._watchers.values())
+        for task in watchers:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*watchers, return_exceptions=True)
         if self._coordinator is not None:
             await self._coordinator.aclose()
         await release(self._links, self._node, self._members)
