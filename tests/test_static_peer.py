@@ -14,6 +14,7 @@ import pytest
 
 from halo_p2p.discovery import MemoryDiscovery, MemoryNetwork, PeerInfo, StaticDiscovery
 from halo_p2p.engine.local import LocalEngine
+from halo_p2p.net.swarmkey import parse_swarm_key
 from halo_p2p.node.library import ModelLibrary
 from halo_p2p.node.peer import NodeConfig, PeerNode
 from halo_p2p.node.swarm import open_swarm_engine
@@ -189,3 +190,73 @@ def test_peer_flag_builds_a_swarm_where_multicast_is_dropped(env: dict[str, str]
     assert dropped > 0                                    # mDNS was sent, and dropped by the switch
     assert result["split"]["peers"] == 2                  # the coordinator and the --peer device
     assert result["generated_tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_frozen_join_is_lost_within_a_second_and_rejoins_after_it_resumes(env: dict[str, str],
+                                                                                    tmp_path: Path) -> None:
+    """Two ``halo-peer join`` processes given by ``--peer``; one is frozen (SIGSTOP) mid-generation
+    for longer than its link's dead time (3 s), then resumed: the coordinator loses it within
+    about ``peer_silence_s`` (not 3.3 s), the stall shows in the step records, and once resumed
+    it is dialed again and rejoins the plan (before issue #12 it stayed out of the session)."""
+    import signal
+
+    ports = [7751, 7752]
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "halo_p2p", "join", "--model", "stories260K", "--name", f"j{i}", "--peer-id", f"j{i}",
+        "--address", "127.0.0.1", "--port", str(port), "--no-ui",
+        env={**env, "XDG_CONFIG_HOME": str(tmp_path / f"cfg{i}")}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL) for i, port in enumerate(ports)]
+    frozen = procs[1]
+    try:
+        for p in procs:
+            line = await asyncio.wait_for(p.stdout.readline(), 60)
+            assert line.startswith(b"halo-peer: joined as"), line
+        library = ModelLibrary(["stories260K"])
+        held = next(iter(library.held.values()))
+        want = await _local(held)
+        key = parse_swarm_key(env["HALO_SWARM_KEY"], source="HALO_SWARM_KEY")
+        coordinator = PeerNode(NodeConfig(peer_id="c", name="c", address="127.0.0.1", swarm_key=key), library,
+                               StaticDiscovery([f"127.0.0.1:{port}" for port in ports]))
+        await coordinator.start()
+        try:
+            engine = await open_swarm_engine(coordinator, held, STRICT, SPLIT, wait_s=0.3)
+            tokens = []
+            try:
+                assert set(engine.status().peers) == {"c", "j0", "j1"}
+                async with asyncio.timeout(120):
+                    async for event in Generator(engine, held.model.tokenizer).stream(
+                            held.model.tokenizer.encode("Once upon a time"), GREEDY):
+                        tokens.append(event.token_id)
+                        if len(tokens) == 3:
+                            frozen.send_signal(signal.SIGSTOP)
+                        elif engine.replans == 1 and "j1" not in engine.returned and len(engine.status().events) == 1:
+                            await asyncio.sleep(4.0)             # its link closes (3 s) while frozen
+                            assert engine.links["j1"].closed
+                            frozen.send_signal(signal.SIGCONT)
+                            for _ in range(200):                # dialed again once it answers
+                                if "j1" in engine.returned:
+                                    break
+                                await asyncio.sleep(0.05)
+                status = engine.status()
+            finally:
+                await engine.aclose()
+        finally:
+            await coordinator.aclose()
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
+    assert tokens == want                                         # strict: exact throughout
+    lost, back = status.events
+    assert lost.reason == "lost" and lost.peers == ("j1",) and 1.0 < lost.silent_s < 3.0     # before the link's own 3 s
+    assert status.records[lost.record_index].wall_s >= lost.silent_s
+    assert back.reason == "returned" and back.peers == ("j1",)
+    assert set(status.plan.peers) == {"c", "j0", "j1"} and not status.lost

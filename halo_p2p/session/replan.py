@@ -313,7 +313,21 @@ class SplitEngine:
 
     async def _replan(self, peers: Sequence[str], silent: Mapping[str, float], *, replay_upto: int) -> None:
         """A new session without ``peers`` (``silent``: those lost by silence, and for how
-        long) and with the workers that returned; replays the context up to ``replay_upto``."""
+        long) and with the workers that returned; replays the context up to ``replay_upto``.
+        A worker lost during the replay makes it start over without that one too."""
+        back = sorted(p for p in self._returned if not self._links[p].closed)
+        for peer in self._returned.difference(back):     # its link closed again before it rejoined
+            self._returns[peer] -= 1
+            self._watch_later(peer)
+        self._returned.clear()
+        lost: Sequence[str] = peers
+        while lost or back:
+            lost, silent = await self._replan_once(lost, silent, back, replay_upto=replay_upto)
+            back = []
+
+    async def _replan_once(self, peers: Sequence[str], silent: Mapping[str, float], back: Sequence[str], *,
+                           replay_upto: int) -> tuple[list[str], dict[str, float]]:
+        """One re-plan (see :meth:`_replan`); returns the workers lost during its replay."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         if peers:
@@ -321,13 +335,6 @@ class SplitEngine:
             if self.replans > self.max_replans:
                 raise TransportError(f"re-planned {self.max_replans} times in one session",
                                      "the swarm is unstable; check the peers' links")
-        back = sorted(p for p in self._returned if not self._links[p].closed)
-        for peer in self._returned.difference(back):     # its link closed again before it rejoined
-            self._returns[peer] -= 1
-            self._watch_later(peer)
-        self._returned.clear()
-        if not peers and not back:
-            return
         self.lost.update(peers)
         self.lost.difference_update(back)
         log.warning("re-planning%s%s (re-plan %d)", f" without {', '.join(peers)}" if peers else "",
@@ -344,13 +351,21 @@ class SplitEngine:
             before, after = old.plan.owner, new.plan.owner
             self.moved_groups += sum(1 for g, p in after.items() if before.get(g) != p)
         history = self._history[:replay_upto]
-        for c0 in range(0, len(history), _REPLAY_CHUNK):
-            await new.forward(history[c0:c0 + _REPLAY_CHUNK], c0)
+        again: list[str] = []
+        try:
+            for c0 in range(0, len(history), _REPLAY_CHUNK):
+                await new.forward(history[c0:c0 + _REPLAY_CHUNK], c0)
+                if new.dead:           # halo replayed without them: their groups' caches are missing
+                    again = sorted(new.dead)
+                    break
+        except PeerLost as exc:
+            again = list(exc.peers)
         self.events.append(ReplanEvent(
             session=self.session, record_index=len(self._records), reason="lost" if peers else "returned",
             peers=tuple(peers) if peers else tuple(back),
             silent_s=max((silent[p] for p in peers if p in silent), default=None),
             cost_s=loop.time() - t0, replayed_tokens=len(history)))
+        return again, dict(new.silent)
 
     def _watch_later(self, peer: str) -> None:
         if peer not in self._watchers:
