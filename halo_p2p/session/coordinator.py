@@ -109,9 +109,10 @@ class SessionOptions:
         resend_interval_s: smallest interval between Resend requests for one sync point.
         stall_timeout_s: give up on a sync point after this long without progress.
         setup_timeout_s: how long workers may take to load their groups.
-        peer_silence_s: a worker that owes an answer and was heard from neither by answers
-            nor by its link's heartbeats for this long is lost (:mod:`~halo_p2p.session.liveness`),
-            long before its link would declare it dead (3 s); the engine re-plans without it.
+        peer_silence_s: in a decode step, a worker that owes an answer and was heard from
+            neither by answers nor by its link's heartbeats for this long is lost
+            (:mod:`~halo_p2p.session.liveness`), long before its link would declare it dead
+            (3 s); the engine re-plans without it.
 
     Raises:
         ConfigError: an unknown mode or wire dtype, ``max_seq_len`` < 1, a negative time or
@@ -235,21 +236,12 @@ class Coordinator:
         for peer in self.plan.workers():
             self._ready[peer] = loop.create_future()
             await self.links[peer].send(Channel.RELIABLE, codec.encode(msg))
-        waiting = dict(self._ready)
         try:
             async with asyncio.timeout(self.options.setup_timeout_s):
-                while waiting:
-                    await asyncio.wait(waiting.values(), timeout=self.options.peer_silence_s / 4,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    for peer, fut in list(waiting.items()):
-                        if fut.done():
-                            del waiting[peer]
-                            ready = fut.result()    # PeerLost if it refused the plan or its link closed
-                            log.info("worker %s ready: %.1f MB of weights in %.2f s", peer,
-                                     ready.weight_bytes / 1e6, ready.load_s)
-                    silent = self._silent_while_loading(waiting)
-                    if silent:
-                        raise PeerLost(silent)
+                for peer, fut in self._ready.items():
+                    ready = await fut    # PeerLost if it refused the plan or its link closed
+                    log.info("worker %s ready: %.1f MB of weights in %.2f s", peer,
+                             ready.weight_bytes / 1e6, ready.load_s)
         except TimeoutError:
             raise TransportError("workers did not load their groups in time",
                                  "check the workers are running and hold the model") from None
@@ -457,28 +449,17 @@ class Coordinator:
         silence = self.options.peer_silence_s
         steady = now - self._checked_s <= silence / 2
         self._checked_s = now
-        if not steady:
+        if not steady or sp.n_tokens != 1:
             return
         mono = time.monotonic()
         for peer in sp.pending_peers():
             if peer in self.dead:
                 continue
             heard = heard_s(self.links[peer], now_s=now, mono_s=mono)
-            since = silent_since(link_heard_s=heard, asked_s=sp.sent_at_s, decode=sp.n_tokens == 1,
+            since = silent_since(link_heard_s=heard, asked_s=sp.sent_at_s,
                                  answered_s=self._answered_s(peer) if heard is None else None)
-            if since is not None and now - since > silence:
+            if now - since > silence:
                 self._mark_silent(peer, now - since)
-
-    def _silent_while_loading(self, waiting: Mapping[str, asyncio.Future[PlanReady]]) -> list[str]:
-        """Workers still loading their groups whose links' heartbeats stopped for ``peer_silence_s``."""
-        now, mono = asyncio.get_running_loop().time(), time.monotonic()
-        silent = []
-        for peer in waiting:
-            heard = heard_s(self.links[peer], now_s=now, mono_s=mono)
-            if heard is not None and now - heard > self.options.peer_silence_s:
-                log.warning("worker %s silent for %.1f s while loading its groups", peer, now - heard)
-                silent.append(peer)
-        return silent
 
     def _answered_s(self, peer: str) -> float | None:
         """When the last chunk of any recent answer of ``peer`` arrived (late ones included)."""
