@@ -172,8 +172,9 @@ class ReplanEvent:
         silent_s: for workers that fell silent, the longest silence before they were declared
             lost, in seconds (None: their links closed).
         cost_s: wall time of the re-plan, in seconds: the new plan, the workers loading their
-            groups, and the replay of the context.
+            groups (``setup_s`` of it), and the replay of the context.
         replayed_tokens: positions replayed into the new plan's KV caches.
+        setup_s: the part of ``cost_s`` until every worker of the new plan had loaded its groups.
     """
 
     session: int
@@ -183,8 +184,10 @@ class ReplanEvent:
     silent_s: float | None
     cost_s: float
     replayed_tokens: int
+    setup_s: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return {"session": self.session, "record_index": self.record_index, "reason": self.reason,
                 "peers": list(self.peers), "silent_ms": None if self.silent_s is None else 1000 * self.silent_s,
-                "cost_ms": 1000 * self.cost_s, "replayed_tokens": self.replayed_tokens}
+                "cost_ms": 1000 * self.cost_s, "setup_ms": 1000 * self.setup_s,
+                "replayed_tokens": self.replayed_tokens}

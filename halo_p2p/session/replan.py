@@ -346,6 +346,7 @@ class SplitEngine:
             if peer in silent and self._returns[peer] < self.max_returns:
                 self._watch_later(peer)
         await self.start()
+        setup_s = loop.time() - t0
         new = self.coordinator
         if old is not None:                    # groups whose owner changed (shown by chat and --json)
             before, after = old.plan.owner, new.plan.owner
@@ -364,7 +365,7 @@ class SplitEngine:
             session=self.session, record_index=len(self._records), reason="lost" if peers else "returned",
             peers=tuple(peers) if peers else tuple(back),
             silent_s=max((silent[p] for p in peers if p in silent), default=None),
-            cost_s=loop.time() - t0, replayed_tokens=len(history)))
+            cost_s=loop.time() - t0, replayed_tokens=len(history), setup_s=setup_s))
         return again, dict(new.silent)
 
     def _watch_later(self, peer: str) -> None:
