@@ -7,7 +7,7 @@ short deadline (:func:`dial_peers`: any failure of a dial only leaves that peer 
 a session with the one session builder (:func:`halo_p2p.session.setup.open_split_session`): the
 plan follows the peers' measured compute rates, memory budgets and links. The engine re-plans
 without peers that refuse the plan, vanish or fall silent, and dials a silent peer again
-(:data:`~halo_p2p.session.replan.Rejoin`) so that it rejoins once it is back. The emulated swarm
+(:data:`~halo_p2p.session.rejoin.Rejoin`) so that it rejoins once it is back. The emulated swarm
 (:mod:`halo_p2p.node.emulate`) coordinates through :func:`open_split_engine` too, over in-memory
 links.
 

@@ -9,10 +9,9 @@ coordinator (new session id, new plan without the lost peers), recomputes the KV
 new plan by replaying the ids forwarded so far, and carries on, so no generation hangs.
 
 A worker lost by silence may come back (a frozen process resumed, a link that recovered): the
-engine watches its link (heartbeats heard again for ``peer_silence_s``, or any frame on a link
-without heartbeats) and, once the link has closed, dials it again through ``rejoin`` (the
-node's connector). A returned worker rejoins the plan at the start of the next forward pass (a
-re-plan with it, and the replay), at most ``max_returns`` times per worker. Each forward pass
+engine watches it (:class:`~halo_p2p.session.rejoin.Returns`: its link heard again, or dialed
+again through ``rejoin``, the node's connector). A returned worker rejoins the plan at the start
+of the next forward pass (a re-plan with it, and the replay), at most ``max_returns`` times. Each forward pass
 leaves one :class:`~halo_p2p.session.records.StepRecord` (with its wall time, detection and
 re-plan included) and each re-plan a :class:`~halo_p2p.session.records.ReplanEvent` (why, whom,
 its cost), which :meth:`SplitEngine.status` returns for ``--json``.
@@ -26,23 +25,20 @@ the benchmarks read. Build one with :func:`halo_p2p.session.setup.open_split_ses
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from halo_p2p.errors import LinkClosed, PeerLost, TransportError
+from halo_p2p.errors import PeerLost, TransportError
 from halo_p2p.model.config import ModelConfig
-from halo_p2p.net.link import Link, LinkStats, recv_timeout
+from halo_p2p.net.link import Link, LinkStats
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import Coordinator
-from halo_p2p.session.liveness import Heartbeats
 from halo_p2p.session.records import ReplanEvent
+from halo_p2p.session.rejoin import Rejoin, Returns
 from halo_p2p.session.sync import StepRecord, mean_recall
 
 __all__ = [
@@ -64,9 +60,6 @@ CoordinatorFactory = Callable[[frozenset[str], int, Mapping[str, Link]], Awaitab
 """``await factory(lost, session, links)``: builds and starts a coordinator for a session id over
 ``links`` (worker peer id -> link), without the ``lost`` peers."""
 
-Rejoin = Callable[[str], Awaitable[Link]]
-"""``await rejoin(peer_id)``: a new link to a lost worker whose link closed (the node dials it
-again); raises if it cannot."""
 
 _REPLAY_CHUNK = 256
 
@@ -208,11 +201,7 @@ class SplitEngine:
         members: worker peers running in this process (an emulated swarm); closed last.
         max_replans: give up (raise TransportError) after this many re-plans that lose workers.
         rejoin: dials a lost worker again once its link closed (None: a closed link stays lost).
-        max_returns: how many times one worker lost by silence may rejoin.
-        watch_interval_s: how often a lost worker's link is looked at (and a closed one dialed
-            again), seconds.
-        silence_s: how long a returning worker's link must have heard it steadily before it
-            rejoins (a link with heartbeats), seconds.
+        max_returns, watch_interval_s, silence_s: see :class:`~halo_p2p.session.rejoin.Returns`.
     """
 
     def __init__(self, factory: CoordinatorFactory, *, links: Mapping[str, Link], node: Closeable | None = None,
@@ -223,9 +212,8 @@ class SplitEngine:
         self._node = node
         self._members = tuple(members)
         self.max_replans = max_replans
-        self._rejoin = rejoin
-        self.max_returns = max_returns
-        self._watch_s, self._silence_s = watch_interval_s, silence_s
+        self._returns = Returns(self._links, rejoin, max_returns=max_returns, watch_interval_s=watch_interval_s,
+                                silence_s=silence_s)
         self._coordinator: Coordinator | None = None
         self.lost: set[str] = set()
         self.replans = 0
@@ -234,9 +222,6 @@ class SplitEngine:
         self.events: list[ReplanEvent] = []
         self._records: list[StepRecord] = []     # one per forward pass, across sessions
         self._history: list[int] = []    # ids at positions [0, len) as last forwarded
-        self._watchers: dict[str, asyncio.Task[None]] = {}   # lost-by-silence peer -> its watch
-        self._returned: set[str] = set()          # lost peers alive again: they rejoin at the next pass
-        self._returns: Counter[str] = Counter()
 
     @property
     def coordinator(self) -> Coordinator:
@@ -263,7 +248,7 @@ class SplitEngine:
     @property
     def returned(self) -> frozenset[str]:
         """Lost workers seen alive again, rejoining at the next forward pass."""
-        return frozenset(self._returned)
+        return self._returns.returned
 
     async def start(self) -> None:
         """Build the first coordinator; workers that refuse the plan are left out (PeerLost)."""
@@ -294,7 +279,7 @@ class SplitEngine:
         t0 = loop.time()
         del self._history[start_pos:]
         self._history.extend(int(t) for t in token_ids)
-        if self._returned:
+        if self._returns.returned:
             await self._replan([], {}, replay_upto=start_pos)
         while True:
             coordinator = self.coordinator
@@ -315,11 +300,7 @@ class SplitEngine:
         """A new session without ``peers`` (``silent``: those lost by silence, and for how
         long) and with the workers that returned; replays the context up to ``replay_upto``.
         A worker lost during the replay makes it start over without that one too."""
-        back = sorted(p for p in self._returned if not self._links[p].closed)
-        for peer in self._returned.difference(back):     # its link closed again before it rejoined
-            self._returns[peer] -= 1
-            self._watch_later(peer)
-        self._returned.clear()
+        back = self._returns.take()
         lost: Sequence[str] = peers
         while lost or back:
             lost, silent = await self._replan_once(lost, silent, back, replay_upto=replay_upto)
@@ -343,8 +324,8 @@ class SplitEngine:
         if old is not None:
             await old.aclose()
         for peer in peers:             # its link is free now: watch it for a sign of life
-            if peer in silent and self._returns[peer] < self.max_returns:
-                self._watch_later(peer)
+            if peer in silent:
+                self._returns.watch(peer)
         await self.start()
         setup_s = loop.time() - t0
         new = self.coordinator
@@ -368,60 +349,6 @@ class SplitEngine:
             cost_s=loop.time() - t0, replayed_tokens=len(history), setup_s=setup_s))
         return again, dict(new.silent)
 
-    def _watch_later(self, peer: str) -> None:
-        if peer not in self._watchers:
-            self._watchers[peer] = asyncio.create_task(self._watch(peer), name=f"watch-{peer}")
-
-    async def _watch(self, peer: str) -> None:
-        """Wait until lost worker ``peer`` is alive again, then mark it returned."""
-        try:
-            if await self._heard_again(peer) or await self._dial_again(peer):
-                self._returns[peer] += 1
-                self._returned.add(peer)
-                log.info("worker %s is back: it rejoins at the next forward pass", peer)
-        finally:
-            self._watchers.pop(peer, None)
-
-    async def _heard_again(self, peer: str) -> bool:
-        """Whether ``peer``'s open link shows life again before it closes: its heartbeats heard
-        steadily for ``silence_s`` (a link with heartbeats), else any frame arriving (stale
-        answers are dropped here: no coordinator reads this link now)."""
-        link = self._links[peer]
-        lost_at = time.monotonic()
-        back_since: float | None = None
-        while not link.closed:
-            try:
-                got = await recv_timeout(link, self._watch_s)
-            except LinkClosed:
-                return False
-            if not isinstance(link, Heartbeats):
-                if got is not None:
-                    return True
-                continue
-            now = time.monotonic()
-            if link.last_heard_s > lost_at and now - link.last_heard_s < self._silence_s:
-                back_since = now if back_since is None else back_since
-                if now - back_since >= self._silence_s:
-                    return True
-            else:
-                back_since = None
-        return False
-
-    async def _dial_again(self, peer: str) -> bool:
-        """Dial ``peer`` again through ``rejoin`` until it answers (False without ``rejoin``)."""
-        if self._rejoin is None:
-            return False
-        while True:
-            try:
-                link = await self._rejoin(peer)
-            except Exception as exc:       # any failure: still gone, try again later
-                log.debug("worker %s not back yet: %s", peer, exc)
-                await asyncio.sleep(4 * self._watch_s)
-                continue
-            await self._links[peer].aclose()
-            self._links[peer] = link
-            return True
-
     def status(self) -> SplitStatus:
         """A snapshot: plan, sync mode, wire dtype, links, counters, records, re-plans."""
         c = self.coordinator
@@ -438,11 +365,7 @@ class SplitEngine:
 
     async def aclose(self) -> None:
         """Stop watching lost workers; close the coordinator, the links, the node and the members; idempotent."""
-        watchers = list(self._watchers.values())
-        for task in watchers:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*watchers, return_exceptions=True)
+        await self._returns.aclose()
         if self._coordinator is not None:
             await self._coordinator.aclose()
         await release(self._links, self._node, self._members)
