@@ -27,6 +27,7 @@ from halo_p2p.profiles import PeerProfile
 from halo_p2p.sampling import SamplingParams
 from halo_p2p.session.coordinator import SessionOptions
 from halo_p2p.session.generate import Generator
+from halo_p2p.session.liveness import heard_s, silent_since
 
 KEY = bytes(range(32))
 SILENCE_S = 0.3          # a short peer_silence_s keeps the tests quick
@@ -206,3 +207,19 @@ async def test_a_closed_link_is_not_a_silence_and_stays_lost(stories) -> None:
 def test_silence_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="peer_silence_s"):
         SessionOptions(peer_silence_s=0)
+
+
+class _Heard:
+    def __init__(self, last_heard_s: float) -> None:
+        self.last_heard_s = last_heard_s
+
+
+def test_silence_is_measured_from_the_links_last_sign_of_life_else_from_the_answers() -> None:
+    # a link with heartbeats: its stamp (monotonic) on the caller's clock
+    assert heard_s(_Heard(last_heard_s=95.0), now_s=1000.0, mono_s=100.0) == 995.0
+    assert heard_s(object(), now_s=1000.0, mono_s=100.0) is None        # a memory link: no heartbeats
+    assert silent_since(link_heard_s=995.0, asked_s=999.0, answered_s=None) == 995.0
+    # without heartbeats: since it was asked, or since its last answer chunk if later
+    assert silent_since(link_heard_s=None, asked_s=999.0, answered_s=None) == 999.0
+    assert silent_since(link_heard_s=None, asked_s=999.0, answered_s=999.5) == 999.5
+    assert silent_since(link_heard_s=None, asked_s=999.0, answered_s=990.0) == 999.0
