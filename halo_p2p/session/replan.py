@@ -11,8 +11,8 @@ new plan by replaying the ids forwarded so far, and carries on, so no generation
 A worker lost by silence may come back (a frozen process resumed, a link that recovered): the
 engine watches it (:class:`~halo_p2p.session.rejoin.Returns`: its link heard again, or dialed
 again through ``rejoin``, the node's connector). A returned worker rejoins the plan at the start
-of the next forward pass (a re-plan with it, and the replay), at most ``max_returns`` times. Each forward pass
-leaves one :class:`~halo_p2p.session.records.StepRecord` (with its wall time, detection and
+of the next forward pass (a re-plan with it, and the replay), at most ``max_returns`` times.
+Each forward pass leaves one :class:`~halo_p2p.session.records.StepRecord` (with its wall time, detection and
 re-plan included) and each re-plan a :class:`~halo_p2p.session.records.ReplanEvent` (why, whom,
 its cost), which :meth:`SplitEngine.status` returns for ``--json``.
 
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 CoordinatorFactory = Callable[[frozenset[str], int, Mapping[str, Link]], Awaitable[Coordinator]]
 """``await factory(lost, session, links)``: builds and starts a coordinator for a session id over
 ``links`` (worker peer id -> link), without the ``lost`` peers."""
-
 
 _REPLAY_CHUNK = 256
 
