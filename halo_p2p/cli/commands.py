@@ -166,7 +166,11 @@ async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> Split
 
 
 def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, dict[str, object]]:
-    """The per-token synchronization figures of a split model (empty for a local engine)."""
+    """The per-token synchronization figures of a split model (empty for a local engine).
+
+    ``max_wall_ms`` is the slowest decode step's wall time, a lost peer's stall included
+    (detection, re-plan and replay); ``replan_events`` says when, why and at what cost the plan
+    changed."""
     if not isinstance(engine, SplitEngine):
         return {}
     st = engine.status()
@@ -188,7 +192,10 @@ def split_report(engine: Engine, args: argparse.Namespace) -> dict[str, dict[str
         "criticality_recall": st.summary.criticality_recall,
         "replans": st.replans,
         "moved_groups": st.moved_groups,
-        "per_token": [r.as_dict() for r in st.records],
+        "lost_peers": sorted(st.lost),
+        "replan_events": [e.as_dict() for e in st.events],     # why, whom, silence before, cost
+        "max_wall_ms": max((1000 * r.wall_s for r in st.records[1:] if r.wall_s is not None), default=None),
+        "per_token": [r.as_dict() for r in st.records],         # wall_ms (stalls included) next to wait_ms
     }}
 
 

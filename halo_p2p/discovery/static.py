@@ -3,7 +3,9 @@
 :class:`StaticDiscovery` is the fallback where multicast does not reach (routed networks, Wi-Fi
 with client isolation, containers). It knows only addresses, so it yields placeholder
 :class:`~halo_p2p.discovery.info.PeerInfo` records with ``static=True`` and
-``peer_id="static:HOST:PORT"``; the real identity is learned when connecting.
+``peer_id="static:HOST:PORT"`` (resources unknown, shown as 0); the real identity is learned when
+connecting: a coordinator dials a placeholder expecting no particular peer id and names the peer
+by the id in its signed answer (:func:`halo_p2p.node.swarm.dial_peers`).
 :class:`CombinedDiscovery` merges the views of several discoveries (typically mDNS plus static);
 a static placeholder and the mDNS record of the same device have different ids, and the
 connecting layer tells them apart.

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,10 @@ class PeerNode:
             :class:`~halo_p2p.net.connector.WebRtcConnector` on ``config``'s address, port, swarm
             key and emulated PLR; a :class:`~halo_p2p.net.connector.MemoryConnector` in an
             emulated swarm).
+
+    Attributes:
+        dial_stats: outcomes of this node's dials as a coordinator (``ok``, ``refused``,
+            ``failed``, ``timeout``, ``duplicate``; see :func:`halo_p2p.node.swarm.dial_peers`).
     """
 
     def __init__(self, config: NodeConfig, library: ModelProvider, discovery: Discovery, *,
@@ -213,6 +218,7 @@ class PeerNode:
             emulated_plr=config.emulated_plr)
         self.sessions: dict[int, ServedSession] = {}
         self.info: PeerInfo | None = None
+        self.dial_stats: Counter[str] = Counter()
         self._next = 0
 
     @property

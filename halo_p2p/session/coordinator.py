@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from halo_p2p.session.frames import (
     sends_norms,
     step_channel,
 )
+from halo_p2p.session.liveness import heard_s, silent_since
 from halo_p2p.session.sync import Action, ResponseTimer, StepRecord, SyncPoint, SyncRecord, WaitRules, decide
 from halo_p2p.wire import codec
 from halo_p2p.wire.framing import RELIABLE_CHUNK_BYTES
@@ -106,6 +109,10 @@ class SessionOptions:
         resend_interval_s: smallest interval between Resend requests for one sync point.
         stall_timeout_s: give up on a sync point after this long without progress.
         setup_timeout_s: how long workers may take to load their groups.
+        peer_silence_s: in a decode step, a worker that owes an answer and was heard from
+            neither by answers nor by its link's heartbeats for this long is lost
+            (:mod:`~halo_p2p.session.liveness`), long before its link would declare it dead
+            (3 s); the engine re-plans without it.
 
     Raises:
         ConfigError: an unknown mode or wire dtype, ``max_seq_len`` < 1, a negative time or
@@ -123,6 +130,7 @@ class SessionOptions:
     resend_interval_s: float = 0.005
     stall_timeout_s: float = 30.0
     setup_timeout_s: float = 120.0
+    peer_silence_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name, what, kind in (("mode", "sync mode", SyncMode), ("wire_dtype", "wire dtype", WireDtype)):
@@ -136,7 +144,7 @@ class SessionOptions:
         for name in ("initial_deadline_s", "deadline_k", "deadline_floor_s", "resend_interval_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} is negative", f"set {name} >= 0")
-        for name in ("stall_timeout_s", "setup_timeout_s"):
+        for name in ("stall_timeout_s", "setup_timeout_s", "peer_silence_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be positive", f"set {name} > 0")
 
@@ -198,7 +206,9 @@ class Coordinator:
         self._ready: dict[str, asyncio.Future[PlanReady]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.step = 0
-        self.dead: set[str] = set()              # workers whose link closed during the session
+        self.dead: set[str] = set()              # workers whose link closed (or who fell silent) during the session
+        self.silent: dict[str, float] = {}       # workers lost by silence -> how long they had been silent (s)
+        self._checked_s = -math.inf              # loop time of the last silence check (see _find_silent)
         self.records: list[StepRecord] = []
         self.counters: Counter[str] = Counter()   # dropped/malformed/late/stale messages, for status
 
@@ -382,8 +392,10 @@ class Coordinator:
         sp.arm(self._part_timers[sp.part])
         unreliable = channel == Channel.UNRELIABLE
         progress = loop.time()
+        check_s = self.options.peer_silence_s / 4      # how often pending workers' silence is checked
         while True:
             now = loop.time()
+            self._find_silent(sp, now)
             decision = decide(sp, now, self._rules, unreliable=unreliable, dead=self.dead, progress_s=progress)
             action = decision.action
             if action is Action.DONE:
@@ -398,7 +410,7 @@ class Coordinator:
                 sp.resent(order, now)
                 await self._send(order.peer, Channel.UNRELIABLE, codec.encode(Resend(
                     session=self.session, step=sp.step, layer=sp.layer, part=sp.part, chunks=order.chunks)))
-            if await self._sleep(decision.until_s):
+            if await self._sleep(min(decision.until_s, now + check_s)):
                 progress = loop.time()
 
     async def _sleep(self, until: float) -> bool:
@@ -425,6 +437,39 @@ class Coordinator:
     def _mark_dead(self, peer: str) -> None:
         if peer not in self.dead:
             log.warning("link to %s closed: its groups count as missing", peer)
+        self.dead.add(peer)
+        self._notify()
+
+    # -- lost-peer detection (session/liveness.py) ------------------------------------------------
+
+    def _find_silent(self, sp: SyncPoint, now: float) -> None:
+        """Mark the workers pending at ``sp`` that fell silent (:func:`~halo_p2p.session.liveness.silent_since`)
+        as lost. Checked only while this loop has been checking at least every half silence: after our own
+        event loop stalled (or sat idle between tokens), the links' stamps are not the peers' fault."""
+        silence = self.options.peer_silence_s
+        steady = now - self._checked_s <= silence / 2
+        self._checked_s = now
+        if not steady or sp.n_tokens != 1:
+            return
+        mono = time.monotonic()
+        for peer in sp.pending_peers():
+            if peer in self.dead:
+                continue
+            heard = heard_s(self.links[peer], now_s=now, mono_s=mono)
+            since = silent_since(link_heard_s=heard, asked_s=sp.sent_at_s,
+                                 answered_s=self._answered_s(peer) if heard is None else None)
+            if now - since > silence:
+                self._mark_silent(peer, now - since)
+
+    def _answered_s(self, peer: str) -> float | None:
+        """When the last chunk of any recent answer of ``peer`` arrived (late ones included)."""
+        return max((sp.last_heard_s[peer] for sp in self._recent.values() if peer in sp.last_heard_s), default=None)
+
+    def _mark_silent(self, peer: str, silent_s: float) -> None:
+        log.warning("worker %s silent for %.2f s: lost (its groups count as missing; re-planning without it)",
+                    peer, silent_s)
+        self.silent[peer] = silent_s
+        self.counters["silent_peers"] += 1
         self.dead.add(peer)
         self._notify()
 

@@ -1,4 +1,5 @@
-"""What a session measures and records: response times (-> deadlines) and each step's sync points.
+"""What a session measures and records: response times (-> deadlines), each step's sync points,
+and the re-plans of a split model (:class:`ReplanEvent`).
 
 Pure: no I/O, no clock reads (times are passed in).
 """
@@ -9,7 +10,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["ResponseTimer", "StepRecord", "SyncRecord", "mean_recall"]
+__all__ = ["ReplanEvent", "ResponseTimer", "StepRecord", "SyncRecord", "mean_recall"]
 
 
 class ResponseTimer:
@@ -106,12 +107,24 @@ def mean_recall(records: Iterable[SyncRecord | StepRecord]) -> float | None:
 
 @dataclass(slots=True)
 class StepRecord:
-    """One forward pass (a decoded token, or a prompt): its sync points."""
+    """One forward pass (a decoded token, or a prompt): its sync points.
+
+    Attributes:
+        step: the pass's number in its session (1 = the session's first).
+        start_pos, n_tokens: the positions it computed.
+        syncs: its sync points, in order.
+        session: the session that computed it (a re-plan starts a new one; 0: not set).
+        wall_s: wall time of the whole pass as the engine saw it, in seconds: its sync points'
+            waits plus everything else, including a lost peer's detection and the re-plan
+            and replay it caused (None until the engine sets it).
+    """
 
     step: int
     start_pos: int
     n_tokens: int
     syncs: list[SyncRecord] = field(default_factory=list)
+    session: int = 0
+    wall_s: float | None = None
 
     @property
     def wait_s(self) -> float:
@@ -133,7 +146,8 @@ class StepRecord:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "step": self.step, "start_pos": self.start_pos, "n_tokens": self.n_tokens,
+            "step": self.step, "session": self.session, "start_pos": self.start_pos, "n_tokens": self.n_tokens,
+            "wall_ms": None if self.wall_s is None else 1000 * self.wall_s,
             "wait_ms": 1000 * self.wait_s, "skipped_groups": self.skipped, "late_chunks": self.late,
             "resends": sum(s.resends for s in self.syncs),
             "taken_over": sum(s.taken_over for s in self.syncs),
@@ -141,3 +155,39 @@ class StepRecord:
             "criticality_recall": self.recall,
             "skipped": [[s.layer, s.part, g] for s in self.syncs for g in s.skipped_groups],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplanEvent:
+    """One re-plan of a split model: why, whom, and what it cost.
+
+    Attributes:
+        session: the session it started.
+        record_index: index, among the engine's step records (``--json``'s ``per_token``), of
+            the forward pass whose wall time includes this re-plan: the pass that lost the
+            workers, or the pass that started with the returning ones.
+        reason: ``"lost"`` (workers vanished or fell silent) or ``"returned"`` (lost workers are
+            alive again and rejoin the plan).
+        peers: the workers lost or returning.
+        silent_s: for workers that fell silent, the longest silence before they were declared
+            lost, in seconds (None: their links closed).
+        cost_s: wall time of the re-plan, in seconds: the new plan, the workers loading their
+            groups (``setup_s`` of it), and the replay of the context.
+        replayed_tokens: positions replayed into the new plan's KV caches.
+        setup_s: the part of ``cost_s`` until every worker of the new plan had loaded its groups.
+    """
+
+    session: int
+    record_index: int
+    reason: str
+    peers: tuple[str, ...]
+    silent_s: float | None
+    cost_s: float
+    replayed_tokens: int
+    setup_s: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"session": self.session, "record_index": self.record_index, "reason": self.reason,
+                "peers": list(self.peers), "silent_ms": None if self.silent_s is None else 1000 * self.silent_s,
+                "cost_ms": 1000 * self.cost_s, "setup_ms": 1000 * self.setup_s,
+                "replayed_tokens": self.replayed_tokens}

@@ -1,11 +1,20 @@
 """The engine of a split model: one :class:`~halo_p2p.engine.protocol.Engine` that owns its links.
 
 :class:`SplitEngine` runs the current session's :class:`~halo_p2p.session.coordinator.Coordinator`
-and survives lost workers: when a worker's link closes, a ``strict`` or ``strict-unreliable``
+and survives lost workers: when a worker's link closes, or it falls silent for
+``peer_silence_s`` (:mod:`~halo_p2p.session.liveness`), a ``strict`` or ``strict-unreliable``
 coordinator raises :class:`~halo_p2p.errors.PeerLost` at once; a ``halo`` coordinator counts the worker's groups as
-missing from the next deadline on and finishes the token. Either way the engine then builds a new
+missing and finishes the token. Either way the engine then builds a new
 coordinator (new session id, new plan without the lost peers), recomputes the KV caches of the
 new plan by replaying the ids forwarded so far, and carries on, so no generation hangs.
+
+A worker lost by silence may come back (a frozen process resumed, a link that recovered): the
+engine watches it (:class:`~halo_p2p.session.rejoin.Returns`: its link heard again, or dialed
+again through ``rejoin``, the node's connector). A returned worker rejoins the plan at the start
+of the next forward pass (a re-plan with it, and the replay), at most ``max_returns`` times.
+Each forward pass leaves one :class:`~halo_p2p.session.records.StepRecord` (with its wall time, detection and
+re-plan included) and each re-plan a :class:`~halo_p2p.session.records.ReplanEvent` (why, whom,
+its cost), which :meth:`SplitEngine.status` returns for ``--json``.
 
 It owns what the session runs on: the links to the workers, the node it coordinates from and, in
 an emulated swarm, the worker peers of this process; :meth:`SplitEngine.aclose` closes them all.
@@ -28,6 +37,8 @@ from halo_p2p.model.config import ModelConfig
 from halo_p2p.net.link import Link, LinkStats
 from halo_p2p.plan import PlacementPlan
 from halo_p2p.session.coordinator import Coordinator
+from halo_p2p.session.records import ReplanEvent
+from halo_p2p.session.rejoin import Rejoin, Returns
 from halo_p2p.session.sync import StepRecord, mean_recall
 
 __all__ = [
@@ -36,6 +47,8 @@ __all__ = [
     "LinkStatus",
     "PeerHost",
     "RecordsSummary",
+    "Rejoin",
+    "ReplanEvent",
     "SplitEngine",
     "SplitStatus",
     "release",
@@ -43,8 +56,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CoordinatorFactory = Callable[[frozenset[str], int], Awaitable[Coordinator]]
-"""Builds and starts a coordinator for a session id without the given lost peers."""
+CoordinatorFactory = Callable[[frozenset[str], int, Mapping[str, Link]], Awaitable[Coordinator]]
+"""``await factory(lost, session, links)``: builds and starts a coordinator for a session id over
+``links`` (worker peer id -> link), without the ``lost`` peers."""
 
 _REPLAY_CHUNK = 256
 
@@ -125,11 +139,13 @@ class SplitStatus:
         wire_dtype: activation format on the wire.
         links: worker peer id -> its link's counters, for the workers of the current plan.
         counters: the coordinator's dropped / malformed / late / stale message counts.
-        records: the current session's step records (the prompt first).
+        records: one step record per forward pass of the engine (the prompt first), across
+            re-plans (each names its session; replays are not recorded).
         summary: means over ``records``.
-        replans: re-plans so far (a lost worker, a refused plan).
+        replans: re-plans so far that left workers out (a lost worker, a refused plan).
         moved_groups: groups that changed owner over all re-plans.
         lost: peers left out.
+        events: every re-plan (workers lost or returning), in order, with its cost.
         weight_bytes: peer id -> resident weight bytes (the coordinator's includes the trunk),
             when every worker runs in this process (an emulated swarm); else None.
     """
@@ -146,6 +162,7 @@ class SplitStatus:
     moved_groups: int
     lost: frozenset[str]
     weight_bytes: Mapping[str, int] | None
+    events: tuple[ReplanEvent, ...] = ()
 
     @property
     def peers(self) -> tuple[str, ...]:
@@ -181,21 +198,28 @@ class SplitEngine:
         node: what the coordinator runs on (its :class:`~halo_p2p.node.peer.PeerNode`); closed
             after the links, if given.
         members: worker peers running in this process (an emulated swarm); closed last.
-        max_replans: give up (raise TransportError) after this many re-plans in one session.
+        max_replans: give up (raise TransportError) after this many re-plans that lose workers.
+        rejoin: dials a lost worker again once its link closed (None: a closed link stays lost).
+        max_returns, watch_interval_s, silence_s: see :class:`~halo_p2p.session.rejoin.Returns`.
     """
 
     def __init__(self, factory: CoordinatorFactory, *, links: Mapping[str, Link], node: Closeable | None = None,
-                 members: Sequence[PeerHost] = (), max_replans: int = 8) -> None:
+                 members: Sequence[PeerHost] = (), max_replans: int = 8, rejoin: Rejoin | None = None,
+                 max_returns: int = 2, watch_interval_s: float = 0.25, silence_s: float = 1.0) -> None:
         self._factory = factory
         self._links = dict(links)
         self._node = node
         self._members = tuple(members)
         self.max_replans = max_replans
+        self._returns = Returns(self._links, rejoin, max_returns=max_returns, watch_interval_s=watch_interval_s,
+                                silence_s=silence_s)
         self._coordinator: Coordinator | None = None
         self.lost: set[str] = set()
         self.replans = 0
         self.moved_groups = 0          # groups that changed owner over all re-plans
         self.session = 0
+        self.events: list[ReplanEvent] = []
+        self._records: list[StepRecord] = []     # one per forward pass, across sessions
         self._history: list[int] = []    # ids at positions [0, len) as last forwarded
 
     @property
@@ -220,12 +244,17 @@ class SplitEngine:
         """The worker peers running in this process (an emulated swarm; empty otherwise)."""
         return self._members
 
+    @property
+    def returned(self) -> frozenset[str]:
+        """Lost workers seen alive again, rejoining at the next forward pass."""
+        return self._returns.returned
+
     async def start(self) -> None:
         """Build the first coordinator; workers that refuse the plan are left out (PeerLost)."""
         while True:
             self.session += 1
             try:
-                self._coordinator = await self._factory(frozenset(self.lost), self.session)
+                self._coordinator = await self._factory(frozenset(self.lost), self.session, self._links)
                 return
             except PeerLost as exc:
                 self.replans += 1
@@ -243,38 +272,81 @@ class SplitEngine:
         return self.coordinator.max_seq_len
 
     async def forward(self, token_ids: Sequence[int], start_pos: int, *, all_logits: bool = False) -> np.ndarray:
-        """See :meth:`Coordinator.forward`; re-plans and retries when a worker is lost."""
+        """See :meth:`Coordinator.forward`; re-plans and retries when a worker is lost, and
+        first re-plans with lost workers that came back."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         del self._history[start_pos:]
         self._history.extend(int(t) for t in token_ids)
+        if self._returns.returned:
+            await self._replan([], {}, replay_upto=start_pos)
         while True:
             coordinator = self.coordinator
             try:
                 out = await coordinator.forward(token_ids, start_pos, all_logits=all_logits)
             except PeerLost as exc:
-                await self._replan(exc.peers, replay_upto=start_pos)
+                await self._replan(exc.peers, coordinator.silent, replay_upto=start_pos)
                 continue
+            record = coordinator.records[-1]
             if coordinator.dead:          # halo finished the token without them
-                await self._replan(sorted(coordinator.dead), replay_upto=start_pos + len(token_ids))
+                await self._replan(sorted(coordinator.dead), coordinator.silent,
+                                   replay_upto=start_pos + len(token_ids))
+            record.session, record.wall_s = coordinator.session, loop.time() - t0
+            self._records.append(record)
             return out
 
-    async def _replan(self, peers: list[str], *, replay_upto: int) -> None:
-        self.replans += 1
-        if self.replans > self.max_replans:
-            raise TransportError(f"re-planned {self.max_replans} times in one session",
-                                 "the swarm is unstable; check the peers' links")
+    async def _replan(self, peers: Sequence[str], silent: Mapping[str, float], *, replay_upto: int) -> None:
+        """A new session without ``peers`` (``silent``: those lost by silence, and for how
+        long) and with the workers that returned; replays the context up to ``replay_upto``.
+        A worker lost during the replay makes it start over without that one too."""
+        back = self._returns.take()
+        lost: Sequence[str] = peers
+        while lost or back:
+            lost, silent = await self._replan_once(lost, silent, back, replay_upto=replay_upto)
+            back = []
+
+    async def _replan_once(self, peers: Sequence[str], silent: Mapping[str, float], back: Sequence[str], *,
+                           replay_upto: int) -> tuple[list[str], dict[str, float]]:
+        """One re-plan (see :meth:`_replan`); returns the workers lost during its replay."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        if peers:
+            self.replans += 1
+            if self.replans > self.max_replans:
+                raise TransportError(f"re-planned {self.max_replans} times in one session",
+                                     "the swarm is unstable; check the peers' links")
         self.lost.update(peers)
-        log.warning("re-planning without %s (re-plan %d)", ", ".join(peers), self.replans)
+        self.lost.difference_update(back)
+        log.warning("re-planning%s%s (re-plan %d)", f" without {', '.join(peers)}" if peers else "",
+                    f" with {', '.join(back)} again" if back else "", self.replans)
         old = self._coordinator
         if old is not None:
             await old.aclose()
+        for peer in peers:             # its link is free now: watch it for a sign of life
+            if peer in silent:
+                self._returns.watch(peer)
         await self.start()
+        setup_s = loop.time() - t0
         new = self.coordinator
         if old is not None:                    # groups whose owner changed (shown by chat and --json)
             before, after = old.plan.owner, new.plan.owner
             self.moved_groups += sum(1 for g, p in after.items() if before.get(g) != p)
         history = self._history[:replay_upto]
-        for c0 in range(0, len(history), _REPLAY_CHUNK):
-            await new.forward(history[c0:c0 + _REPLAY_CHUNK], c0)
+        again: list[str] = []
+        try:
+            for c0 in range(0, len(history), _REPLAY_CHUNK):
+                await new.forward(history[c0:c0 + _REPLAY_CHUNK], c0)
+                if new.dead:           # halo replayed without them: their groups' caches are missing
+                    again = sorted(new.dead)
+                    break
+        except PeerLost as exc:
+            again = list(exc.peers)
+        self.events.append(ReplanEvent(
+            session=self.session, record_index=len(self._records), reason="lost" if peers else "returned",
+            peers=tuple(peers) if peers else tuple(back),
+            silent_s=max((silent[p] for p in peers if p in silent), default=None),
+            cost_s=loop.time() - t0, replayed_tokens=len(history), setup_s=setup_s))
+        return again, dict(new.silent)
 
     def status(self) -> SplitStatus:
         """A snapshot: plan, sync mode, wire dtype, links, counters, records, re-plans."""
@@ -283,15 +355,16 @@ class SplitEngine:
         if self._members:
             own = c.trunk.weight_bytes() + (c.local.weight_bytes() if c.local is not None else 0)
             weights = {c.plan.coordinator: own, **{m.peer_id: m.weight_bytes() for m in self._members}}
-        records = tuple(c.records)
+        records = tuple(self._records)
         return SplitStatus(session=self.session, plan=c.plan, mode=c.options.mode, wire_dtype=c.options.wire_dtype,
                            links={p: LinkStatus.of(link.stats) for p, link in c.links.items()},
                            counters=dict(c.counters), records=records, summary=RecordsSummary.of(records),
                            replans=self.replans, moved_groups=self.moved_groups, lost=frozenset(self.lost),
-                           weight_bytes=weights)
+                           weight_bytes=weights, events=tuple(self.events))
 
     async def aclose(self) -> None:
-        """Close the coordinator, the links, the node and the members; idempotent."""
+        """Stop watching lost workers; close the coordinator, the links, the node and the members; idempotent."""
+        await self._returns.aclose()
         if self._coordinator is not None:
             await self._coordinator.aclose()
         await release(self._links, self._node, self._members)

@@ -34,7 +34,7 @@ from halo_p2p.predictor import Predictor, PredictorPolicy
 from halo_p2p.scheduler import GroupStats, peer_models_from, schedule_for_layout
 from halo_p2p.session.coordinator import UNSTABLE_PLR, Coordinator, SessionOptions
 from halo_p2p.session.criticality import AllCritical, CriticalityPolicy, StaticRule
-from halo_p2p.session.replan import Closeable, CoordinatorFactory, PeerHost, SplitEngine, release
+from halo_p2p.session.replan import Closeable, CoordinatorFactory, PeerHost, Rejoin, SplitEngine, release
 
 __all__ = [
     "DEADLINE_FLOOR_S",
@@ -164,7 +164,8 @@ async def coordinator_factory(source: TensorSource, options: SessionOptions, set
         me: the coordinator's own announcement.
         peers: worker peer id -> announcement, in plan order (a ``split`` plan gives contiguous
             groups in this order).
-        links: worker peer id -> link to it (every key of ``peers``).
+        links: worker peer id -> link to it (every key of ``peers``); the factory plans over the
+            links it is given each time (a worker dialed again has a new one).
         model_sha256: names the model to the workers.
         known_links: worker peer id -> known conditions of its link (emulated links), used
             instead of the link's measured stats.
@@ -205,12 +206,12 @@ async def coordinator_factory(source: TensorSource, options: SessionOptions, set
                 if setup.dynamic_placement and options.mode == "halo" else None)
     unstable = frozenset(p for p, c in known.items() if c.plr > UNSTABLE_PLR)
 
-    def link_stats(peer: str) -> LinkStats:
-        return _known_stats(known[peer]) if peer in known else links[peer].stats
+    def link_stats(peer: str, now: Mapping[str, Link]) -> LinkStats:
+        return _known_stats(known[peer]) if peer in known else now[peer].stats
 
-    async def plan_for(alive: list[str]) -> tuple[PlacementPlan, dict[str, float] | None]:
+    async def plan_for(alive: list[str], now: Mapping[str, Link]) -> tuple[PlacementPlan, dict[str, float] | None]:
         if setup.planner is Planner.SCHEDULE:
-            models = peer_models_from([me, *(peers[p] for p in alive)], {p: link_stats(p) for p in alive},
+            models = peer_models_from([me, *(peers[p] for p in alive)], {p: link_stats(p, now) for p in alive},
                                       coordinator=me.peer_id)
             sched = await asyncio.to_thread(schedule_for_layout, layout, models, stats=stats,
                                             coordinator_fixed_bytes=trunk.weight_bytes())
@@ -221,12 +222,12 @@ async def coordinator_factory(source: TensorSource, options: SessionOptions, set
         weights_of = rates if shares is None else [shares[n] for n in names]
         return PlacementPlan.split(layout, names, coordinator=me.peer_id, shares=weights_of), None
 
-    async def factory(lost: frozenset[str], session: int) -> Coordinator:
-        alive = [p for p in peers if p not in lost and not links[p].closed]
-        plan, deadlines = await plan_for(alive)
+    async def factory(lost: frozenset[str], session: int, now: Mapping[str, Link]) -> Coordinator:
+        alive = [p for p in peers if p not in lost and not now[p].closed]
+        plan, deadlines = await plan_for(alive, now)
         own = plan.groups_of(me.peer_id)
         local = await compute.run(GroupShard, weights, layout, own, max_seq_len=options.max_seq_len) if own else None
-        coordinator = Coordinator(trunk=trunk, local=local, compute=compute, links={p: links[p] for p in alive},
+        coordinator = Coordinator(trunk=trunk, local=local, compute=compute, links={p: now[p] for p in alive},
                                   plan=plan, options=options, criticality=criticality, model_sha256=model_sha256,
                                   session=session, weights=weights, initial_deadlines=deadlines, takeover=takeover,
                                   unstable=unstable)
@@ -247,9 +248,10 @@ async def open_split_session(source: TensorSource, options: SessionOptions, setu
                              known_links: Mapping[str, LinkConditions] | None = None,
                              shares: Mapping[str, float] | None = None, policy: CriticalityPolicy | None = None,
                              predictor: Predictor | None = None, node: Closeable | None = None,
-                             members: Sequence[PeerHost] = ()) -> SplitEngine:
+                             members: Sequence[PeerHost] = (), rejoin: Rejoin | None = None) -> SplitEngine:
     """:func:`coordinator_factory`, then a started :class:`SplitEngine` owning ``links``, ``node``
-    and ``members`` (closed on failure too).
+    and ``members`` (closed on failure too); ``rejoin`` dials a lost worker again (see
+    :class:`SplitEngine`).
 
     Raises:
         PeerLost: every re-plan left out more workers than ``SplitEngine.max_replans`` allows.
@@ -261,7 +263,8 @@ async def open_split_session(source: TensorSource, options: SessionOptions, setu
         factory = await coordinator_factory(source, options, setup, compute=compute, me=me, peers=peers, links=links,
                                             model_sha256=model_sha256, known_links=known_links, shares=shares,
                                             policy=policy, predictor=predictor)
-        engine = SplitEngine(factory, links=links, node=node, members=members)
+        engine = SplitEngine(factory, links=links, node=node, members=members, rejoin=rejoin,
+                             silence_s=options.peer_silence_s)
         await engine.start()
     except BaseException:
         await (engine.aclose() if engine is not None else release(links, node, members))
