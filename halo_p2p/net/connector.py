@@ -40,7 +40,9 @@ class DialTarget(Protocol):
     """Where to reach a peer (a :class:`~halo_p2p.discovery.base.PeerInfo` is one)."""
 
     @property
-    def peer_id(self) -> str: ...
+    def peer_id(self) -> str | None:
+        """The id the answering peer must have; ``None``: any key holder there (a ``--peer`` address)."""
+        ...
 
     @property
     def host(self) -> str: ...
@@ -81,7 +83,7 @@ class Connector(Protocol):
         ...
 
     async def dial(self, peer: DialTarget, *, timeout_s: float) -> Link:
-        """Open a link to ``peer`` (and only to a peer with id ``peer.peer_id``).
+        """Open a link to ``peer`` (and only to a peer with id ``peer.peer_id`` unless it is ``None``).
 
         Raises:
             AuthError: the peer refused this peer's credentials, or answered with another

@@ -90,19 +90,20 @@ class MemoryHub:
     def unlisten(self, port: int) -> None:
         self._listeners.pop(port, None)
 
-    async def dial(self, dialer: str, swarm_key: bytes, *, host: str, port: int, expect_peer_id: str) -> MemoryLink:
+    async def dial(self, dialer: str, swarm_key: bytes, *, host: str, port: int,
+                   expect_peer_id: str | None) -> MemoryLink:
         """A link from member ``dialer`` to the member listening at ``host:port``.
 
         Raises:
             TransportError: nobody listens there.
-            AuthError: the listener is not ``expect_peer_id``, or holds another swarm key.
+            AuthError: the listener is not ``expect_peer_id`` (when given), or holds another swarm key.
         """
         listener = self._listeners.get(port) if host == self.address else None
         if listener is None:
             raise TransportError(f"cannot reach peer at {host}:{port}: nobody listens there",
                                  "check that the peer is up")
         peer_id, key, accept, stats = listener
-        if peer_id != expect_peer_id:
+        if expect_peer_id is not None and peer_id != expect_peer_id:
             raise AuthError(f"peer {peer_id!r} at {host}:{port} is not the expected peer {expect_peer_id!r}",
                             "check the address of the peer")
         if not hmac.compare_digest(key, swarm_key):

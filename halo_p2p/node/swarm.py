@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 from halo_p2p.discovery import PeerInfo
 from halo_p2p.errors import AuthError, HaloError
@@ -111,7 +111,7 @@ async def dial_peers(node: PeerNode, peers: Sequence[PeerInfo], *, deadline_s: f
     stats = node.dial_stats
 
     async def dial(p: PeerInfo) -> tuple[PeerInfo, Link] | None:
-        target = cast(DialTarget, _Anyone(p.host, p.signaling_port)) if p.static else p
+        target: DialTarget = _Anyone(p.host, p.signaling_port) if p.static else p
         error: Exception | None = None
         for attempt in range(1, attempts + 1):
             left = end - loop.time()
