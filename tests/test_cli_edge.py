@@ -302,9 +302,13 @@ def _run_swarm_and_stop(tmp_path: Path, sig: signal.Signals, *extra: str) -> tup
         out, err = proc.communicate(timeout=90)
         return joins, shown + out, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:                              # a failed test: let it clean up, then insist
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for pid in joins:                                    # a failed test leaves nothing behind either
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
