@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -171,8 +173,12 @@ def _fields(table: dict[str, Any], where: str, *, extra: tuple[str, ...] = ()) -
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML table of ``path``; a FIFO or a device is refused without blocking on it."""
     try:
-        with path.open("rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"profile file {path} is not a regular file", "pass the path of a .toml file")
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"profile file {path} does not exist", "check the path") from None

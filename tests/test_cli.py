@@ -117,9 +117,10 @@ def test_chat_on_an_emulated_swarm_shows_the_predictor_recall(cache_with_smollm2
     assert chance + 0.15 <= recall <= 1.0, (chance, status)
 
 
-def _one_line_error(out: subprocess.CompletedProcess[bytes], *needles: str) -> None:
+def _one_line_error(out: subprocess.CompletedProcess[bytes], *needles: str, code: int = 1) -> None:
+    """One line, no traceback; ``code`` 1 for an error while running, 2 for a bad flag (checked at the edge)."""
     err = out.stderr.decode()
-    assert out.returncode == 1, err
+    assert out.returncode == code, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("halo-peer: error: "), err
@@ -190,8 +191,9 @@ def test_planner_flag_spells_the_planner_enum() -> None:
 
 def test_bad_split_flags() -> None:
     _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "3", "--shares", "1,2"),
-                    "--shares has 2 values for 3 peers")
-    _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "2", "--plr", "1.5"), "--plr 1.5")
+                    "--shares has 2 values for 3 peers", code=2)
+    _one_line_error(halo("generate", "--prompt", "x", "--emulate-peers", "2", "--plr", "1.5"),
+                    "argument --plr: 1.5 is out of range", code=2)
 
 
 def test_calibrate_saves_a_predictor_that_sessions_use(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,28 @@ def test_a_compute_slowdown_below_one_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match=r"compute slowdown 0.5 is below 1 \(emulate a device"):
         ComputeThread(slowdown=0.5)
+
+
+@pytest.mark.parametrize("loader", [load_profile, load_swarm], ids=["profile", "swarm"])
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path, loader: Callable[[str], object]) -> None:
+    import threading
+
+    fifo = tmp_path / "peer.toml"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(loader(str(fifo)))
+        except BaseException as exc:     # handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(10)                       # guards a hang: a blocking open() never returns without a writer
+    if reader.is_alive():
+        with open(fifo, "wb"):
+            pass
+        pytest.fail(f"{loader} blocked on a FIFO")
+    (result,) = outcome
+    assert isinstance(result, ConfigError) and "is not a regular file" in str(result), result

@@ -162,3 +162,45 @@ def test_replay_guard_uses_its_clock() -> None:
     assert "old" in (guard.check("a", 100.0) or "") and len(guard) == 0
     with pytest.raises(ConfigError):
         ReplayGuard(window_s=0)
+
+
+def test_find_gives_none_only_when_no_key_is_configured(tmp_path: Path) -> None:
+    from halo_p2p.net.swarmkey import find_swarm_key
+
+    assert find_swarm_key(explicit=None, env={ENV_VAR: ""}, path=tmp_path / "absent.key") is None
+    key = generate_swarm_key()
+    assert find_swarm_key(explicit=None, env={ENV_VAR: key}, path=tmp_path / "absent.key") == parse_swarm_key(
+        key, source="x")
+    corrupt = tmp_path / "corrupt.key"
+    corrupt.write_text("not a key\n")
+    corrupt.chmod(0o600)
+    with pytest.raises(ConfigError, match="malformed swarm key"):      # a corrupt key is not "no swarm"
+        find_swarm_key(explicit=None, env={}, path=corrupt)
+    save_swarm_key(key, tmp_path / "open.key")
+    (tmp_path / "open.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        find_swarm_key(explicit=None, env={}, path=tmp_path / "open.key")
+
+
+def test_a_fifo_key_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "swarm.key"
+    os.mkfifo(fifo, 0o600)
+    outcome: list[BaseException | bytes] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_swarm_key(explicit=None, env={}, path=fifo))
+        except BaseException as exc:     # handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(10)              # a blocking open() would never return (no writer): the guard of a hang
+    if reader.is_alive():
+        with open(fifo, "wb"):   # unblock the reader so the thread ends
+            pass
+        pytest.fail("load_swarm_key blocked on a FIFO")
+    (result,) = outcome
+    assert isinstance(result, ConfigError) and "not a regular file" in str(result), result

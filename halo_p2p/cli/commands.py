@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from halo_p2p.cli.checks import lossy_indices
+from halo_p2p.cli.notices import emulated_peer_name, notices, print_notices
 from halo_p2p.engine.local import LocalEngine
 from halo_p2p.engine.protocol import Engine
 from halo_p2p.errors import ConfigError, ModelNotFound
@@ -51,6 +53,10 @@ async def run(args: argparse.Namespace) -> int:
         "calibrate": cmd_calibrate, "init": peers.cmd_init, "join": peers.cmd_join, "peers": peers.cmd_peers,
         "swarm": swarm_cmd.cmd_swarm,
     }[args.command]
+    if args.command in ("join", "peers"):
+        peers.swarm_key(args)               # a missing, corrupt or unsafe key fails before anything starts
+    elif hasattr(args, "local") and not args.local and not args.emulate_peers:
+        peers.optional_swarm_key(args)      # a corrupt or unsafe key fails before the model loads
     return await handler(args)
 
 
@@ -99,8 +105,6 @@ async def load(args: argparse.Namespace) -> LoadedModel:
 
 async def make_engine(args: argparse.Namespace, model: LoadedModel) -> Engine:
     """A local engine, or an emulated split model with ``--emulate-peers N``."""
-    if args.ctx is not None and args.ctx < 2:
-        raise ConfigError(f"--ctx {args.ctx} is too small", "use at least 2 tokens")
     if getattr(args, "emulate_peers", 0):
         return await emulated_engine(args, model)
     if hasattr(args, "local"):
@@ -137,27 +141,15 @@ def session_options(args: argparse.Namespace, model: LoadedModel) -> SessionOpti
 
 
 async def emulated_engine(args: argparse.Namespace, model: LoadedModel) -> SplitEngine:
-    n = args.emulate_peers
+    n = args.emulate_peers                          # flags checked at the edge (cli/checks.py)
     set_compute_threads(SWARM_THREADS)              # N emulated peers, each a compute thread on its own share
-    if n < 1:
-        raise ConfigError(f"--emulate-peers {n}", "use 1 or more peers")
-    if not 0 <= args.plr < 1:
-        raise ConfigError(f"--plr {args.plr} is outside [0, 1)", "use e.g. --plr 0.05")
-    shares = [1.0] * n
-    if args.shares:
-        try:
-            shares = [float(x) for x in args.shares.split(",")]
-        except ValueError:
-            raise ConfigError(f"--shares {args.shares!r} is not a list of numbers", "use e.g. --shares 1,2,1") from None
-        if len(shares) != n:
-            raise ConfigError(f"--shares has {len(shares)} values for {n} peers", "give one share per peer")
-    lossy = n - 1 if args.lossy_peers is None else args.lossy_peers
+    shares = args.shares or [1.0] * n
+    lossy = lossy_indices(n, args.lossy_peers)
     profiles = []
     for i in range(n):
-        plr = args.plr if i >= n - lossy and i > 0 else 0.0
-        link = LinkConditions(plr=plr, delay_s=args.delay_ms / 1000, jitter_s=args.jitter_ms / 1000,
-                              rto_s=args.rto_ms / 1000)
-        profiles.append(PeerProfile(name="coordinator" if i == 0 else f"worker{i}", share=shares[i], link=link))
+        link = LinkConditions(plr=args.plr if i in lossy else 0.0, delay_s=args.delay_ms / 1000,
+                              jitter_s=args.jitter_ms / 1000, rto_s=args.rto_ms / 1000)
+        profiles.append(PeerProfile(name=emulated_peer_name(i), share=shares[i], link=link))
     setup, predictor = await session_setup(args, model, planner=Planner.SPLIT if args.shares else None)
     return await start_emulated_swarm(model.source, profiles, session_options(args, model),
                                       mlp_group_size=setup.mlp_group_size, critical=setup.critical,
@@ -219,6 +211,8 @@ async def cmd_generate(args: argparse.Namespace) -> int:
         ids = model.tokenizer.encode(args.prompt)
     engine = await make_engine(args, model)
     try:
+        warnings = notices(engine, args)
+        print_notices(warnings)
         gen = Generator(engine, model.tokenizer)
         pieces: list[str] = []
         async for event in gen.stream(ids, params):
@@ -236,7 +230,7 @@ async def cmd_generate(args: argparse.Namespace) -> int:
             "prompt_tokens": s.prompt_tokens, "generated_tokens": len(s.token_ids),
             "stop_reason": s.stop_reason, "prefill_ms": 1000 * s.prefill_s,
             "tpot_ms": s.tpot_ms, "tpot_p95_ms": s.tpot_p95_ms, "tokens_per_s": s.tokens_per_s,
-            "cpu_s": _cpu_s(), "decode_cpu_s": s.decode_cpu_s, **report,
+            "cpu_s": _cpu_s(), "decode_cpu_s": s.decode_cpu_s, "warnings": warnings, **report,
         }, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -249,6 +243,8 @@ async def cmd_perplexity(args: argparse.Namespace) -> int:
     ids = model.tokenizer.encode(text)
     engine = await make_engine(args, model)
     try:
+        warnings = notices(engine, args)
+        print_notices(warnings)
         result = await perplexity(engine, ids, chunk_tokens=args.chunk_tokens)
         report = split_report(engine, args)
     finally:
@@ -257,7 +253,7 @@ async def cmd_perplexity(args: argparse.Namespace) -> int:
         if report:
             report["split"].pop("per_token")
         print(json.dumps({"model": model.name, "tokens": result.tokens, "mean_nll": result.mean_nll,
-                          "perplexity": result.perplexity, **report}))
+                          "perplexity": result.perplexity, "warnings": warnings, **report}))
     else:
         print(f"{model.name}: {result.tokens} tokens, mean NLL {result.mean_nll:.4f} nats, "
               f"perplexity {result.perplexity:.3f}")
@@ -301,6 +297,7 @@ async def cmd_chat(args: argparse.Namespace) -> int:
     require_template(model.chat_template, model.name)
     engine = await make_engine(args, model)
     try:
+        print_notices(notices(engine, args))
         app = ChatApp(model, Generator(engine, model.tokenizer), sampling(args), system=args.system)
         if args.prompt is not None:
             await app.answer(args.prompt)
@@ -312,8 +309,6 @@ async def cmd_chat(args: argparse.Namespace) -> int:
 
 
 async def cmd_bench(args: argparse.Namespace) -> int:
-    if args.prompt_tokens < 1 or args.tokens < 1:
-        raise ConfigError("--prompt-tokens and --tokens must be at least 1", "pass positive counts")
     model = await load(args)
     engine = await make_engine(args, model)
     if args.prompt_tokens + args.tokens > engine.max_seq_len:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -19,7 +20,7 @@ from halo_p2p.discovery.mdns import MdnsDiscovery, interface_addresses
 from halo_p2p.errors import ConfigError, HaloError
 from halo_p2p.model.loader import LoadedModel
 from halo_p2p.model.threads import SWARM_THREADS, set_compute_threads
-from halo_p2p.net.swarmkey import ENV_VAR, generate_swarm_key, load_swarm_key, save_swarm_key
+from halo_p2p.net.swarmkey import ENV_VAR, find_swarm_key, generate_swarm_key, load_swarm_key, save_swarm_key
 from halo_p2p.node.library import HeldModel, ModelLibrary, file_sha256
 from halo_p2p.node.peer import (
     DEFAULT_MEMORY_BUDGET_BYTES,
@@ -34,7 +35,7 @@ from halo_p2p.node.swarm import open_swarm_engine
 from halo_p2p.profiles import load_profile
 from halo_p2p.session.replan import SplitEngine
 
-__all__ = ["cmd_init", "cmd_join", "cmd_peers", "swarm_engine"]
+__all__ = ["cmd_init", "cmd_join", "cmd_peers", "offers_caption", "optional_swarm_key", "swarm_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,21 @@ def key_path() -> Path:
 
 
 def swarm_key(args: argparse.Namespace) -> bytes:
+    """The swarm key of ``--swarm-key``, ``$HALO_SWARM_KEY`` or the key file.
+
+    Raises:
+        ConfigError: none of them, or the key is unusable (see :func:`load_swarm_key`).
+    """
     return load_swarm_key(explicit=args.swarm_key, env=os.environ, path=key_path())
+
+
+def optional_swarm_key(args: argparse.Namespace) -> bytes | None:
+    """The swarm key, or ``None`` when none is configured (a prompt then runs on this device).
+
+    Raises:
+        ConfigError: a key is configured but unusable (corrupt, readable by others, a FIFO...).
+    """
+    return find_swarm_key(explicit=args.swarm_key, env=os.environ, path=key_path())
 
 
 def pick_address(args: argparse.Namespace) -> str:
@@ -107,7 +122,7 @@ async def start_node(args: argparse.Namespace, library: ModelLibrary, *, suffix:
 def status_table(node: PeerNode) -> Table:
     st = node.status()
     table = Table(title=f"halo-peer {st.name} ({st.peer_id}) at {st.address}:{st.port}",
-                  caption=f"models: {', '.join(st.models) or '-'} · refused offers: {dict(st.refused) or 0}")
+                  caption=f"models: {', '.join(st.models) or '-'} · {offers_caption(st.refused)}")
     for col in ("peer", "address", "role", "models", "GFLOP/s", "groups", "RTT ms", "loss", "bytes out/in",
                 "TPOT ms (last tokens)"):
         table.add_column(col)
@@ -119,6 +134,23 @@ def status_table(node: PeerNode) -> Table:
     for coord, s in served.items():
         table.add_row(coord, "-", "coordinator (prompt)", "-", "-", *_served(s))
     return table
+
+
+def offers_caption(counters: Mapping[str, int]) -> str:
+    """The connector's counters in words: ``offers: 3 accepted, 2 refused (bad-mac 2)``.
+
+    ``refused_<cause>`` counters are summed and listed by cause; ``accepted`` and ``failed``
+    are named; other counters (``peer_connections``) are left out.
+    """
+    refused = {k.removeprefix("refused_").replace("_", "-"): v for k, v in counters.items()
+               if k.startswith("refused_") and v}
+    parts = [f"{counters.get('accepted', 0)} accepted"]
+    total = sum(refused.values())
+    parts.append(f"{total} refused" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(refused.items()))})"
+                                       if refused else ""))
+    if counters.get("failed"):
+        parts.append(f"{counters['failed']} failed")
+    return "offers: " + ", ".join(parts)
 
 
 def _served(s: ServedStatus | None) -> tuple[str, str, str, str, str]:
@@ -182,11 +214,7 @@ async def swarm_engine(args: argparse.Namespace, model: LoadedModel) -> SplitEng
 
     if args.local:
         return None
-    try:
-        swarm_key(args)
-    except ConfigError:
-        if args.swarm_key or os.environ.get(ENV_VAR):
-            raise
+    if optional_swarm_key(args) is None:
         log.info("no swarm key: running on this peer only (halo-peer init creates a swarm)")
         return None
     digest = await asyncio.to_thread(file_sha256, model.path)

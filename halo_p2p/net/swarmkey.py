@@ -40,6 +40,7 @@ __all__ = [
     "ENV_VAR",
     "KEY_BYTES",
     "ReplayGuard",
+    "find_swarm_key",
     "generate_swarm_key",
     "load_swarm_key",
     "parse_swarm_key",
@@ -115,16 +116,32 @@ def load_swarm_key(*, explicit: str | None, env: Mapping[str, str], path: Path) 
 
     Raises:
         ConfigError: no key anywhere; the key is malformed; the file is readable by group or
-            others (the fix is ``chmod 600 FILE``); the file cannot be read.
+            others (the fix is ``chmod 600 FILE``); the file is not a regular file (a FIFO, a
+            device, a folder: refused without blocking); the file cannot be read.
+    """
+    key = find_swarm_key(explicit=explicit, env=env, path=path)
+    if key is None:
+        raise ConfigError("no swarm key", _MISSING_FIX)
+    return key
+
+
+def find_swarm_key(*, explicit: str | None, env: Mapping[str, str], path: Path) -> bytes | None:
+    """As :func:`load_swarm_key`, but ``None`` when no key is configured at all (no flag, no
+    variable, no file): the one case in which a prompt runs on this device alone.
+
+    Raises:
+        ConfigError: a key is there but unusable (malformed, readable by others, not a regular
+            file, unreadable); a corrupt key is never taken for "no swarm".
     """
     if explicit is not None:
         return parse_swarm_key(explicit, source="--swarm-key")
     if env.get(ENV_VAR):
         return parse_swarm_key(env[ENV_VAR], source=f"${ENV_VAR}")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO without a writer would block forever; a regular file ignores it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise ConfigError("no swarm key", _MISSING_FIX) from None
+        return None
     except OSError as exc:
         raise ConfigError(f"cannot read swarm key file {path}: {exc.strerror}",
                           f"check that {path} is a readable file") from None
@@ -136,7 +153,11 @@ def load_swarm_key(*, explicit: str | None, env: Mapping[str, str], path: Path) 
         if mode & 0o077:
             raise ConfigError(f"swarm key file {path} is readable by group or others "
                               f"(mode {stat.S_IMODE(mode):04o})", f"run: chmod 600 {path}")
-        data = fh.read(4096)
+        try:
+            data = fh.read(4096)
+        except OSError as exc:
+            raise ConfigError(f"cannot read swarm key file {path}: {exc.strerror}",
+                              f"check that {path} is a readable file") from None
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
