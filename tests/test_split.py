@@ -185,22 +185,28 @@ async def test_uplink_parity_rebuilds_lost_partials(stories) -> None:
     assert sum(r["skipped_groups"] for r in fec) < sum(r["skipped_groups"] for r in plain)
 
 
-class _Count:
-    """Wraps a link: counts the FEC parity frames sent through it (downlink chunks and uplink)."""
+class _Tap:
+    """Wraps a link: keeps every activation frame (LayerInput, Partial) sent through it, decoded."""
 
     def __init__(self, link) -> None:
-        self._link, self.sent = link, Counter()
+        self._link, self.frames = link, []
 
     def __getattr__(self, name):
         return getattr(self._link, name)
 
     async def send(self, channel: Channel, data: bytes) -> None:
         msg = codec.decode(data)
-        kind = type(msg).__name__
         if isinstance(msg, LayerInput | Partial):
-            kind += " parity" if msg.chunk >= msg.n_data else " data"
-        self.sent[kind] += 1
+            self.frames.append(msg)
         await self._link.send(channel, data)
+
+    def kinds(self) -> Counter:
+        """Frames per ``"<Message> data"`` / ``"<Message> parity"``."""
+        return Counter(f"{type(m).__name__} {'parity' if m.chunk >= m.n_data else 'data'}" for m in self.frames)
+
+    def per_point(self) -> Counter:
+        """Frames per (message, step, layer, part)."""
+        return Counter((type(m).__name__, m.step, m.layer, m.part) for m in self.frames)
 
 
 @pytest.mark.parametrize("measured_plr", [None, 0.0, 0.05])
@@ -213,15 +219,16 @@ async def test_fec_parity_only_on_links_not_measured_clean(stories, measured_plr
     down = swarm.links[worker.peer_id]
     for link in (down, worker.link):
         link.stats.measured_plr = measured_plr
-    worker.link = up = _Count(worker.link)
-    swarm.coordinator.links[worker.peer_id] = down = _Count(down)    # the coordinator's own map of its links
+    worker.link = up = _Tap(worker.link)
+    swarm.coordinator.links[worker.peer_id] = down = _Tap(down)    # the coordinator's own map of its links
     try:
         await _generate(swarm, tok, "Tom and Sue")
     finally:
         await swarm.aclose()
-    assert down.sent["LayerInput data"] > 0 and up.sent["Partial data"] > 0
+    sent_down, sent_up = down.kinds(), up.kinds()
+    assert sent_down["LayerInput data"] > 0 and sent_up["Partial data"] > 0
     lossy = measured_plr != 0.0
-    assert (down.sent["LayerInput parity"] > 0) == lossy and (up.sent["Partial parity"] > 0) == lossy
+    assert (sent_down["LayerInput parity"] > 0) == lossy and (sent_up["Partial parity"] > 0) == lossy
 
 
 class _Tamper:
@@ -346,22 +353,6 @@ async def test_live_recall_measures_the_policy(stories, best) -> None:
     assert records[0].recall is None                              # the prompt: all groups critical
 
 
-class _Frames:
-    """Wraps a link: counts activation frames sent per (kind, step, layer, part)."""
-
-    def __init__(self, link) -> None:
-        self._link, self.per_point = link, Counter()
-
-    def __getattr__(self, name):
-        return getattr(self._link, name)
-
-    async def send(self, channel: Channel, data: bytes) -> None:
-        msg = codec.decode(data)
-        if isinstance(msg, LayerInput | Partial):
-            self.per_point[type(msg).__name__, msg.step, msg.layer, msg.part] += 1
-        await self._link.send(channel, data)
-
-
 @pytest.mark.parametrize("mode", ["halo", "strict-unreliable", "strict"])
 async def test_one_frame_each_way_per_worker_and_sync_point(stories, mode) -> None:
     """Wire protocol 2: a worker answers each sync point with one summed vector, not one message
@@ -373,17 +364,17 @@ async def test_one_frame_each_way_per_worker_and_sync_point(stories, mode) -> No
     down = swarm.links[worker.peer_id]
     for link in (down, worker.link):
         link.stats.measured_plr = 0.0
-    worker.link = up = _Frames(worker.link)
-    swarm.coordinator.links[worker.peer_id] = down = _Frames(down)    # the coordinator's own map of its links
+    worker.link = up = _Tap(worker.link)
+    swarm.coordinator.links[worker.peer_id] = down = _Tap(down)    # the coordinator's own map of its links
     try:
         await _generate(swarm, tok, "Tom and Sue", SamplingParams(temperature=0, max_tokens=6))
         held = [len(worker.shard.groups_at(layer, part)) for layer in range(source.config.n_layers) for part in PARTS]
     finally:
         await swarm.aclose()
     assert max(held) >= 2                                   # one message per group would send more
-    decode_steps = {step for (_, step, _, _) in up.per_point if step > 1}
-    answers = {k: n for k, n in up.per_point.items() if k[1] in decode_steps}
-    inputs = {k: n for k, n in down.per_point.items() if k[1] in decode_steps}
+    decode_steps = {step for (_, step, _, _) in up.per_point() if step > 1}
+    answers = {k: n for k, n in up.per_point().items() if k[1] in decode_steps}
+    inputs = {k: n for k, n in down.per_point().items() if k[1] in decode_steps}
     assert answers and set(answers.values()) == {1} and set(inputs.values()) == {1}
     assert len(answers) == len(decode_steps) * sum(1 for n in held if n)
 
